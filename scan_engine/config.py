@@ -1,0 +1,182 @@
+"""One typed configuration for the whole SCAN pipeline, with named presets.
+
+Defaults follow the paper (Van Gansbeke et al., ECCV 2020, CIFAR-10 setup) unless a preset says
+otherwise. Every model is frozen and rejects unknown keys, so a typo in an override is an error,
+not a silently ignored option. The resolved config is stored as JSON with each job and checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError",
+    "PretextConfig",
+    "ScanStepConfig",
+    "SelfLabelConfig",
+    "ScanConfig",
+    "PRESETS",
+    "make_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run: unknown preset, unknown key or a value out of range."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PretextConfig(_Frozen):
+    """SimCLR instance discrimination (paper: 500 epochs, batch 512, SGD lr 0.4, T = 0.1)."""
+
+    epochs: int = Field(500, ge=0, description="SimCLR epochs; 0 skips training (random init).")
+    batch_size: int = Field(512, ge=2)
+    lr: float = Field(0.4, gt=0, description="SGD learning rate, cosine-decayed to lr/1000.")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    temperature: float = Field(0.1, gt=0, description="NT-Xent temperature.")
+    projection_dim: int = Field(128, ge=2, description="Output of the 2-layer MLP head.")
+    warmup_epochs: float = Field(0.0, ge=0, description="Linear learning-rate warm-up.")
+    crop_scale_min: float = Field(0.2, gt=0, le=1, description="Random resized crop: min area.")
+
+
+class ScanStepConfig(_Frozen):
+    """SCAN clustering step: neighbours agree, entropy keeps clusters apart (paper section 3.2)."""
+
+    epochs: int = Field(50, ge=0)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate.")
+    weight_decay: float = Field(1e-4, ge=0)
+    entropy_weight: float = Field(5.0, ge=0, description="λ on the entropy of the mean prediction.")
+    num_heads: int = Field(10, ge=1, description="Heads trained per cluster count; best is kept.")
+    num_neighbors: int = Field(20, ge=1, description="K nearest neighbours mined per image.")
+    update_backbone: bool = Field(True, description="Fine-tune the backbone (paper, small images).")
+    augment: bool = Field(True, description="Strong augmentation on image and neighbour.")
+
+
+class SelfLabelConfig(_Frozen):
+    """Self-labeling on confident predictions (paper section 3.3)."""
+
+    enabled: bool = True
+    epochs: int = Field(200, ge=0)
+    batch_size: int = Field(1000, ge=2)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    threshold: float = Field(0.99, gt=0, lt=1, description="max p above which a label is trusted.")
+    plateau_patience: int = Field(
+        3, ge=1, description="Stop after this many epochs without more confident samples."
+    )
+
+
+class ScanConfig(_Frozen):
+    """Everything a pipeline run needs besides the images, the work folder and the device."""
+
+    preset: str = "paper"
+    num_clusters: int = Field(10, ge=2, description="K, the number of groups asked for.")
+    overcluster: float | list[int] | None = Field(
+        None,
+        description="A factor (C = round(factor·K)) or an explicit list of cluster counts C.",
+    )
+    image_size: int = Field(32, ge=8, le=512, description="Shorter side resized, centre crop.")
+    backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    backbone_width: int = Field(64, ge=8, description="Channels of the first stage (64 = stock).")
+    backbone_weights: str | None = Field(
+        None, description="Local state dict: skips the pretext and freezes the backbone."
+    )
+    pretext: PretextConfig = PretextConfig()
+    scan: ScanStepConfig = ScanStepConfig()
+    selflabel: SelfLabelConfig = SelfLabelConfig()
+    seed: int = 0
+    time_budget_s: float | None = Field(
+        None, gt=0, description="Scale the epochs of all stages so the run fits this budget."
+    )
+    prototype_members: int = Field(10, ge=1, description="Most confident members averaged.")
+    top_members: int = Field(12, ge=1, description="Members kept per cluster for the gallery.")
+    eval_batch_size: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _check_overcluster(self) -> ScanConfig:
+        oc = self.overcluster
+        if isinstance(oc, float | int) and not isinstance(oc, bool) and oc < 1:
+            raise ValueError("overcluster factor must be >= 1")
+        if isinstance(oc, list):
+            if not oc:
+                raise ValueError("overcluster list must not be empty")
+            if any(c < 2 for c in oc):
+                raise ValueError("every cluster count in overcluster must be >= 2")
+        return self
+
+    def cluster_counts(self) -> list[int]:
+        """The cluster counts C to train: K itself, plus the overclustering ones, sorted, unique."""
+        counts = {self.num_clusters}
+        oc = self.overcluster
+        if isinstance(oc, list):
+            counts.update(oc)
+        elif oc is not None:
+            counts.add(max(2, int(math.ceil(oc * self.num_clusters - 1e-9))))
+        return sorted(counts)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# Presets are partial overrides on top of the paper defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's CIFAR-10 schedule, for a GPU.
+    "paper": {},
+    # A shorter GPU schedule: larger batches and fewer epochs.
+    "gpu": {
+        "pretext": {"epochs": 200, "batch_size": 1024, "lr": 0.8, "warmup_epochs": 5},
+        "scan": {"epochs": 30, "batch_size": 512, "lr": 2e-4},
+        "selflabel": {"epochs": 40, "batch_size": 1000},
+    },
+    # Sized for a 2-core CPU: a narrower backbone and short stages.
+    "cpu": {
+        "backbone_width": 32,
+        "pretext": {"epochs": 20, "batch_size": 256, "lr": 0.6, "warmup_epochs": 1},
+        "scan": {"epochs": 10, "batch_size": 256, "lr": 2e-4, "num_heads": 5},
+        "selflabel": {"epochs": 5, "batch_size": 500},
+    },
+    # For tests and smoke runs on a few hundred images: seconds, not minutes.
+    "tiny": {
+        "backbone_width": 16,
+        "image_size": 32,
+        "pretext": {"epochs": 15, "batch_size": 128, "lr": 0.5, "warmup_epochs": 1},
+        "scan": {"epochs": 15, "batch_size": 128, "lr": 1e-3, "num_heads": 3, "num_neighbors": 10},
+        "selflabel": {"epochs": 5, "batch_size": 128, "lr": 1e-3},
+    },
+}
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def make_config(preset: str = "paper", **overrides: Any) -> ScanConfig:
+    """Build a config from a named preset plus nested overrides.
+
+    `make_config("cpu", num_clusters=5, scan={"epochs": 3})`. Raises ConfigError with a readable
+    message for an unknown preset, an unknown key or a value out of range.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    values = _deep_merge(PRESETS[preset], overrides)
+    values["preset"] = preset
+    try:
+        return ScanConfig.model_validate(values)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in error.errors()
+        )
+        raise ConfigError(problems) from None

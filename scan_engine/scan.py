@@ -1,0 +1,197 @@
+"""SCAN clustering step: an image and a mined neighbour should get the same cluster, and the
+mean prediction should stay spread over all clusters (paper section 3.2).
+
+Two routes: the backbone is fine-tuned on strongly augmented images (paper, small images), or
+it is frozen and only the heads train on cached features (pretrained route; fast on a CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from scan_engine.augment import StrongAugment, normalize
+from scan_engine.config import ScanConfig
+from scan_engine.losses import SCANLoss, entropy
+from scan_engine.models import ClusteringModel
+from scan_engine.runtime import Runtime
+from scan_engine.training import Reporter, StepPlan, device_generator, epoch_batches
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ScanStats", "run_scan", "infer", "head_losses", "sample_neighbors"]
+
+
+@dataclass
+class ScanStats:
+    steps: int
+    epochs: float
+    images_per_s: float  # anchor images per second of training
+    wall_s: float
+    head_losses: dict[int, list[float]] = field(default_factory=dict)  # C -> loss per head
+    chosen_heads: dict[int, int] = field(default_factory=dict)  # C -> index of the kept head
+
+
+def sample_neighbors(
+    neighbors: torch.Tensor, index: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """One neighbour per anchor, drawn uniformly from its K mined neighbours. (B,) indices."""
+    choice = torch.randint(0, neighbors.shape[1], (index.shape[0],), generator=generator)
+    return neighbors[index, choice]
+
+
+def run_scan(
+    model: ClusteringModel,
+    images: torch.Tensor,
+    neighbors: torch.Tensor,
+    config: ScanConfig,
+    runtime: Runtime,
+    reporter: Reporter,
+    generator: torch.Generator,
+    budget_s: float | None = None,
+    features: torch.Tensor | None = None,
+) -> ScanStats:
+    """Train `model` in place, then keep the head with the lowest loss per cluster count.
+
+    images: (N, 3, S, S) uint8; neighbors: (N, K) int64. With `features` (N, D) given, the
+    backbone is frozen and the heads train on those cached features instead of images.
+    """
+    settings = config.scan
+    num_images = images.shape[0]
+    batch_size = min(settings.batch_size, num_images)
+    plan = StepPlan(settings.epochs, max(1, num_images // batch_size), budget_s)
+    frozen = features is not None
+    model = runtime.prepare(model)
+    if frozen:
+        model.backbone.requires_grad_(False)
+        parameters = [p for p in model.heads.parameters()]
+        features = features.to(runtime.device)
+    else:
+        parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+    scaler = runtime.grad_scaler()
+    criterion = SCANLoss(settings.entropy_weight)
+    augment = StrongAugment(config.image_size)
+    augment_generator = device_generator(runtime.device, generator)
+    model.train()
+    started = time.monotonic()
+    step = 0
+    running: list[float] = []
+    batches: list[torch.Tensor] = []
+    while step < plan.total:
+        if not batches:
+            batches = epoch_batches(num_images, batch_size, generator)
+        index = batches.pop(0)
+        neighbor_index = sample_neighbors(neighbors, index, generator)
+        if frozen:
+            assert features is not None
+            both = model.forward_heads(
+                torch.cat(
+                    [
+                        features[index.to(runtime.device)],
+                        features[neighbor_index.to(runtime.device)],
+                    ]
+                )
+            )
+        else:
+            batch = runtime.images(torch.cat([images[index], images[neighbor_index]]))
+            views = (
+                augment(batch, generator=augment_generator)
+                if settings.augment
+                else normalize(batch)
+            )
+            with runtime.autocast():
+                both = model(views)  # {C: (H, 2B, C)}: anchors and neighbours in one pass
+        total = torch.zeros((), device=runtime.device)
+        for logits in both.values():
+            anchor_logits, neighbor_logits = logits.chunk(2, dim=1)
+            loss, _, _ = criterion(anchor_logits, neighbor_logits)
+            total = total + loss.sum()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        running.append(float(total.detach()))
+        plan.after_step(step)
+        step += 1
+        if step % plan.steps_per_epoch == 0 or step == plan.total:
+            reporter.log(
+                {
+                    "stage": "scan",
+                    "step": step,
+                    "epoch": round(step / plan.steps_per_epoch, 3),
+                    "loss": sum(running) / len(running),
+                }
+            )
+            running = []
+        reporter.update("scan", 0.95 * step / max(plan.total, 1), f"step {step}/{plan.total}")
+    wall = time.monotonic() - started
+
+    # Head selection on the data without augmentation (paper: lowest total SCAN loss).
+    _, logits = infer(model, images, runtime, config.eval_batch_size, features=features)
+    losses = head_losses(logits, neighbors, settings.entropy_weight)
+    chosen = {c: int(torch.tensor(values).argmin()) for c, values in losses.items()}
+    model.keep_heads(chosen)
+    reporter.update("scan", 1.0, "heads selected", force=True)
+    logger.info("SCAN heads chosen %s (losses %s)", chosen, losses)
+    return ScanStats(
+        step, plan.epochs, step * batch_size / wall if wall else 0.0, wall, losses, chosen
+    )
+
+
+@torch.inference_mode()
+def infer(
+    model: ClusteringModel,
+    images: torch.Tensor,
+    runtime: Runtime,
+    batch_size: int,
+    features: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """One eval pass: L2-normalised backbone features (N, D) and logits {C: (H, N, C)} on CPU.
+
+    With cached `features`, only the heads run and the features come back normalised.
+    """
+    model.eval()
+    all_features: list[torch.Tensor] = []
+    all_logits: dict[int, list[torch.Tensor]] = {c: [] for c in model.cluster_counts}
+    for start in range(0, images.shape[0], batch_size):
+        if features is not None:
+            batch_features = features[start : start + batch_size].to(runtime.device).float()
+        else:
+            batch = runtime.images(images[start : start + batch_size])
+            with runtime.autocast():
+                batch_features = model.backbone(normalize(batch)).float()
+        with runtime.no_amp():
+            outputs = model.forward_heads(batch_features)
+        all_features.append(F.normalize(batch_features, dim=1).cpu())
+        for c, logits in outputs.items():
+            all_logits[c].append(logits.float().cpu())
+    model.train()
+    return torch.cat(all_features), {c: torch.cat(parts, dim=1) for c, parts in all_logits.items()}
+
+
+def head_losses(
+    logits: dict[int, torch.Tensor],
+    neighbors: torch.Tensor,
+    entropy_weight: float,
+    chunk: int = 4096,
+) -> dict[int, list[float]]:
+    """Total SCAN loss per head over all (image, mined neighbour) pairs. {C: [loss per head]}"""
+    losses: dict[int, list[float]] = {}
+    for c, head_logits in logits.items():
+        probabilities = F.softmax(head_logits, dim=-1)  # (H, N, C)
+        num_images = probabilities.shape[1]
+        consistency = torch.zeros(probabilities.shape[0])
+        for start in range(0, num_images, chunk):
+            anchor = probabilities[:, start : start + chunk]  # (H, b, C)
+            neighbor = probabilities[:, neighbors[start : start + chunk]]  # (H, b, K, C)
+            agreement = (anchor.unsqueeze(2) * neighbor).sum(-1)  # (H, b, K)
+            consistency += -torch.log(agreement.clamp_min(1e-8)).sum((1, 2))
+        consistency /= num_images * neighbors.shape[1]
+        spread = entropy(probabilities.mean(1))  # (H,)
+        losses[c] = (consistency - entropy_weight * spread).tolist()
+    return losses
