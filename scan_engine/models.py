@@ -236,6 +236,9 @@ def load_backbone_weights(backbone: ResNet, path: str | Path) -> None:
             f"{path} does not fit {type(backbone).__name__}: {len(missing)} missing keys, "
             f"e.g. {missing[:3]}"
         )
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise BackboneWeightsError(f"{path}: {not_tensors[:3]} are not tensors")
     mismatched = [k for k, v in state.items() if v.shape != expected[k].shape]
     if mismatched:
         raise BackboneWeightsError(f"{path}: shape mismatch for {mismatched[:3]}")

@@ -392,6 +392,7 @@ def run(
                 evaluation,
             )
         )
+    embedding_2d = _project_2d(final_features)
     model_path = work_dir / MODEL_FILE
     _save_model(clustering, config, model_path, frozen)
     timings["finalize"] = time.monotonic() - started
@@ -403,7 +404,7 @@ def run(
     )
     (work_dir / "report.json").write_text(json.dumps(report, indent=2))
     return PipelineResult(
-        results, timings, throughput, stage_metrics, notes, report, str(model_path)
+        results, timings, throughput, stage_metrics, notes, report, str(model_path), embedding_2d
     )
 
 
@@ -433,6 +434,18 @@ def _augmented_features(
             views.append(torch.cat(parts))
     with torch.inference_mode(False):
         return torch.stack(views).clone()
+
+
+def _project_2d(features: torch.Tensor) -> np.ndarray:
+    """(N, D) -> (N, 2) by PCA: a cheap, deterministic map of the collection for the gallery."""
+    centred = features.float() - features.float().mean(0, keepdim=True)
+    if centred.shape[0] < 2:
+        return np.zeros((centred.shape[0], 2), dtype=np.float32)
+    _, _, components = torch.pca_lowrank(centred, q=min(2, *centred.shape), center=False)
+    projected = centred @ components[:, :2]
+    if projected.shape[1] < 2:
+        projected = F.pad(projected, (0, 2 - projected.shape[1]))
+    return projected.numpy().astype(np.float32)
 
 
 def _save_model(model: ClusteringModel, config: ScanConfig, path: Path, frozen: bool) -> None:

@@ -105,5 +105,9 @@ def run_pretext(
         )
     wall = time.monotonic() - started
     return PretextStats(
-        step, plan.epochs, loss_value, step * batch_size / wall if wall else 0.0, wall
+        step,
+        plan.epochs,
+        loss_value,
+        plan.steady_rate(batch_size) or (step * batch_size / wall if wall else 0.0),
+        wall,
     )

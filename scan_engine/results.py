@@ -70,6 +70,7 @@ class PipelineResult:
     notes: list[str]  # things a person should know (e.g. why self-labeling was skipped)
     report: dict[str, Any]  # everything above plus config, as written to report.json
     model_path: str | None = None  # checkpoint that prediction needs
+    embedding_2d: np.ndarray | None = None  # (N, 2) float32 map of the final features (PCA)
 
     def result_for(self, num_clusters: int) -> ClusteringResult:
         for result in self.results:

@@ -139,7 +139,12 @@ def run_scan(
     reporter.update("scan", 1.0, "heads selected", force=True)
     logger.info("SCAN heads chosen %s (losses %s)", chosen, losses)
     return ScanStats(
-        step, plan.epochs, step * batch_size / wall if wall else 0.0, wall, losses, chosen
+        step,
+        plan.epochs,
+        plan.steady_rate(batch_size) or (step * batch_size / wall if wall else 0.0),
+        wall,
+        losses,
+        chosen,
     )
 
 

@@ -140,7 +140,7 @@ def run_selflabel(
     return SelfLabelStats(
         step,
         step / plan.steps_per_epoch,
-        step * batch_size / wall if wall else 0.0,
+        plan.steady_rate(batch_size) or (step * batch_size / wall if wall else 0.0),
         wall,
         confident_per_epoch,
         skipped,

@@ -42,7 +42,7 @@ class Reporter:
         self.log_path = log_path
         self.min_interval_s = min_interval_s
         self.started = time.monotonic()
-        self._last_emit = 0.0
+        self._last_emit = float("-inf")
         self._done_before: dict[str, float] = {}
 
     def _offset(self, stage: str) -> float:
@@ -92,13 +92,16 @@ class StepPlan:
         self._timing_start: float | None = None
         self._calibrated = budget_s is None
         self._started = time.monotonic()
+        self._last_step_end = self._started
+        self._steps_done = 0
 
     def after_step(self, step: int) -> None:
         """Call after finishing step `step` (0-based)."""
-        if self._calibrated:
-            return
         if step == 0:  # the first step pays one-off costs (allocations, kernel choice)
             self._timing_start = time.monotonic()
+        self._last_step_end = time.monotonic()
+        self._steps_done = step + 1
+        if self._calibrated or step == 0:
             return
         if step >= 3 and self._timing_start is not None and self.budget_s is not None:
             per_step = (time.monotonic() - self._timing_start) / step
@@ -108,6 +111,13 @@ class StepPlan:
                 logger.info("time budget: %d of %d planned steps", affordable, self.total)
                 self.total = affordable
             self._calibrated = True
+
+    def steady_rate(self, items_per_step: int) -> float:
+        """Items per second after the first (warm-up) step; 0 when fewer than 2 steps ran."""
+        if self._timing_start is None or self._steps_done < 2:
+            return 0.0
+        elapsed = self._last_step_end - self._timing_start
+        return (self._steps_done - 1) * items_per_step / elapsed if elapsed > 0 else 0.0
 
     @property
     def epochs(self) -> float:
