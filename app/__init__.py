@@ -1,0 +1,1 @@
+"""The SCAN image-clustering web service: REST API, storage, job running (see app.main)."""

@@ -1,0 +1,1 @@
+"""Service-wide settings and logging."""

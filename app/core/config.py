@@ -1,0 +1,159 @@
+"""Service settings from environment variables (pydantic-settings), reached via `get_settings()`.
+
+With no variables set the service runs embedded: SQLite and files under ./data, jobs in an
+in-process thread. Setting DATABASE_URL and CELERY_BROKER_URL switches to PostgreSQL, Redis and
+separate `celery worker -Q gpu` processes. Every field below is one environment variable.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+GiB = 1024**3
+
+
+def normalize_database_url(url: str) -> str:
+    """Map the plain postgres URL spellings onto the psycopg 3 driver SQLAlchemy should use."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+class Settings(BaseSettings):
+    """All service settings; field names are the environment variable names."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    # Storage and database
+    DATA_DIR: Path = Field(
+        default=Path("data"),
+        description="Root for uploads, thumbnails, job work dirs and the SQLite file.",
+    )
+    DATABASE_URL: str = Field(
+        default="", description="SQLAlchemy URL; empty = sqlite:///<DATA_DIR>/scan.db (embedded)."
+    )
+    MIGRATE_ON_START: bool = Field(
+        default=True, description="Run `alembic upgrade head` at API start."
+    )
+    DB_RETRY_AFTER_S: int = Field(
+        default=5, ge=1, description="Retry-After sent with 503 (DB down)."
+    )
+
+    # Job running
+    JOB_RUNNER: Literal["embedded", "celery", ""] = Field(
+        default="",
+        description="embedded (thread in the API) or celery; empty = celery iff broker set.",
+    )
+    EMBEDDED_WORKERS: int = Field(
+        default=1, ge=1, description="Threads running jobs in embedded mode."
+    )
+    CELERY_BROKER_URL: str = Field(
+        default="", description="Celery broker, e.g. redis://redis:6379/0."
+    )
+    CELERY_RESULT_BACKEND: str = Field(
+        default="", description="Celery result backend; empty = broker."
+    )
+    CELERY_QUEUE: str = Field(default="gpu", description="Queue the job task is routed to.")
+    JOB_SOFT_TIME_LIMIT_S: int = Field(
+        default=6 * 3600, ge=1, description="Soft limit: the job fails cleanly with a message."
+    )
+    JOB_HARD_TIME_LIMIT_S: int = Field(
+        default=0, ge=0, description="Hard limit (worker child killed); 0 = soft + 300 s."
+    )
+    CELERY_VISIBILITY_TIMEOUT_S: int = Field(
+        default=0,
+        ge=0,
+        description="Redis redelivers an unacked task after this; must exceed the hard limit "
+        "(acks_late), else a long job runs twice. 0 = hard limit + 600 s.",
+    )
+    CELERY_SOFT_SHUTDOWN_TIMEOUT_S: float = Field(
+        default=30.0,
+        ge=0,
+        description="On a cold shutdown (SIGQUIT, or SIGTERM with REMAP_SIGTERM=SIGQUIT) a "
+        "running job gets this long, then is requeued at once (not after the visibility timeout).",
+    )
+    JOB_MAX_ATTEMPTS: int = Field(
+        default=5,
+        ge=1,
+        description="Starts of one job (worker lost, redeployed) before it is marked failed.",
+    )
+    JOB_DEVICE: str = Field(
+        default="", description="torch device for jobs; empty = CUDA if present."
+    )
+    DEFAULT_PRESET: str = Field(default="cpu", description="Preset when a job request names none.")
+    PROGRESS_INTERVAL_S: float = Field(
+        default=0.5, ge=0, description="Min seconds between DB writes."
+    )
+    CANCEL_CHECK_INTERVAL_S: float = Field(
+        default=1.0, ge=0, description="Min seconds between checks."
+    )
+
+    # Upload limits (zip bombs, huge images)
+    MAX_UPLOAD_BYTES: int = Field(default=2 * GiB, ge=1, description="Request body limit -> 413.")
+    MAX_UNCOMPRESSED_BYTES: int = Field(
+        default=8 * GiB, ge=1, description="Sum of entry sizes -> 413."
+    )
+    MAX_ZIP_ENTRIES: int = Field(default=200_000, ge=1, description="Entries in one zip -> 413.")
+    MAX_COMPRESSION_RATIO: float = Field(
+        default=200.0,
+        gt=1,
+        description="Uncompressed/compressed, whole zip -> 413; per entry -> skipped.",
+    )
+    MAX_IMAGE_PIXELS: int = Field(
+        default=40_000_000, ge=1, description="Larger images are skipped (decompression bombs)."
+    )
+    MIN_IMAGE_SIDE: int = Field(default=8, ge=1, description="Smaller images are skipped.")
+    THUMBNAIL_SIZE: int = Field(default=128, ge=16, le=1024, description="Square thumbnail side.")
+
+    # Server and logs
+    HOST: str = Field(default="127.0.0.1", description="scan-service bind address.")
+    PORT: int = Field(default=8000, ge=1, le=65535, description="scan-service port.")
+    LOG_LEVEL: str = Field(default="INFO", description="Root log level.")
+    LOG_FORMAT: Literal["json", "text"] = Field(
+        default="json", description="JSON lines or plain text."
+    )
+    READY_TIMEOUT_S: float = Field(default=2.0, gt=0, description="Timeout of /readyz checks.")
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Settings:
+        # Resolved once so every reader (API, worker, alembic) sees the same absolute values.
+        self.DATA_DIR = self.DATA_DIR.expanduser().resolve()
+        if not self.DATABASE_URL:
+            self.DATABASE_URL = f"sqlite:///{self.DATA_DIR / 'scan.db'}"
+        self.DATABASE_URL = normalize_database_url(self.DATABASE_URL)
+        if not self.JOB_RUNNER:
+            self.JOB_RUNNER = "celery" if self.CELERY_BROKER_URL else "embedded"
+        if self.JOB_RUNNER == "celery" and not self.CELERY_BROKER_URL:
+            raise ValueError("JOB_RUNNER=celery needs CELERY_BROKER_URL")
+        if not self.CELERY_RESULT_BACKEND:
+            self.CELERY_RESULT_BACKEND = self.CELERY_BROKER_URL
+        if not self.JOB_HARD_TIME_LIMIT_S:
+            self.JOB_HARD_TIME_LIMIT_S = self.JOB_SOFT_TIME_LIMIT_S + 300
+        if self.JOB_HARD_TIME_LIMIT_S <= self.JOB_SOFT_TIME_LIMIT_S:
+            raise ValueError("JOB_HARD_TIME_LIMIT_S must exceed JOB_SOFT_TIME_LIMIT_S")
+        if not self.CELERY_VISIBILITY_TIMEOUT_S:
+            self.CELERY_VISIBILITY_TIMEOUT_S = self.JOB_HARD_TIME_LIMIT_S + 600
+        if self.CELERY_VISIBILITY_TIMEOUT_S <= self.JOB_HARD_TIME_LIMIT_S:
+            raise ValueError(
+                "CELERY_VISIBILITY_TIMEOUT_S must exceed JOB_HARD_TIME_LIMIT_S, or Redis hands a "
+                "running job to a second worker"
+            )
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.DATABASE_URL.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use (tests: cache_clear)."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Database: declarative base, typed models, engine and sessions."""

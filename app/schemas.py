@@ -1,0 +1,158 @@
+"""API request and response models (pydantic): DatasetPublic, JobCreate, JobPublic, ..."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite drops the zone on the way back; every stored time is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+UTCDateTime = Annotated[datetime, AfterValidator(_aware)]
+
+
+class _Public(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class SkippedEntry(BaseModel):
+    path: str
+    reason: str
+
+
+class DatasetPublic(_Public):
+    id: str
+    name: str
+    created_at: UTCDateTime
+    image_count: int
+    total_bytes: int
+    has_labels: bool
+    class_names: list[str] | None
+    skipped_count: int
+    skipped: list[SkippedEntry] = Field(description="First skipped entries with the reason.")
+
+
+class DatasetsPublic(BaseModel):
+    items: list[DatasetPublic]
+    total: int
+
+
+class ImagePublic(_Public):
+    id: str
+    position: int
+    filename: str = Field(description="Path inside the uploaded zip.")
+    media_type: str
+    size_bytes: int
+    sha256: str
+    width: int
+    height: int
+    label: int | None
+
+
+class ImagesPublic(BaseModel):
+    dataset_id: str
+    items: list[ImagePublic]
+    total: int
+    offset: int
+    limit: int
+
+
+class JobCreate(BaseModel):
+    """A clustering request. `overrides` is a nested dict for scan_engine.config.make_config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: str
+    num_clusters: int = Field(ge=2, description="K, the number of groups asked for.")
+    overcluster: float | list[int] | None = Field(
+        None, description="A factor >= 1 (C = ceil(factor*K)) or a list of extra cluster counts."
+    )
+    preset: str | None = Field(None, description="paper, gpu, cpu or tiny; default from settings.")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description='Nested config overrides, e.g. {"scan": {"epochs": 5}}.'
+    )
+
+
+class ResultSetPublic(BaseModel):
+    num_clusters: int = Field(description="C, the cluster count this result set was trained for.")
+    cluster_count: int = Field(description="Clusters holding at least one image.")
+    head: int
+    stage: str
+    metrics: dict[str, Any] | None
+
+
+class JobPublic(BaseModel):
+    id: str
+    dataset_id: str
+    status: str
+    cancel_requested: bool
+    stage: str | None
+    progress: float
+    eta_s: float | None
+    message: str | None
+    num_clusters: int
+    overcluster: float | list[int] | None
+    cluster_counts: list[int]
+    preset: str
+    overrides: dict[str, Any]
+    config: dict[str, Any]
+    timings: dict[str, float]
+    metrics: dict[str, Any] | None
+    notes: list[str]
+    error: str | None
+    attempts: int
+    model_path: str | None
+    result_sets: list[ResultSetPublic]
+    created_at: UTCDateTime
+    started_at: UTCDateTime | None
+    finished_at: UTCDateTime | None
+    duration_s: float | None
+
+
+class JobsPublic(BaseModel):
+    items: list[JobPublic]
+    total: int
+
+
+class AssignmentPublic(BaseModel):
+    image_id: str
+    filename: str
+    cluster: int
+    confidence: float
+
+
+class AssignmentsPublic(BaseModel):
+    job_id: str
+    num_clusters: int
+    total: int
+    offset: int
+    limit: int
+    items: list[AssignmentPublic]
+
+
+class ClusterPublic(BaseModel):
+    index: int
+    size: int
+    mean_confidence: float
+    prototype_image_id: str | None
+    top_members: list[str]
+
+
+class ClustersPublic(BaseModel):
+    job_id: str
+    num_clusters: int
+    head: int
+    stage: str
+    metrics: dict[str, Any] | None
+    clusters: list[ClusterPublic]
+
+
+class Message(BaseModel):
+    detail: str

@@ -1,0 +1,212 @@
+"""Upload, listing and image serving; bad uploads leave no rows and no files."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from tests.service_support import files_under, png_bytes, upload_zip, use_settings, zip_bytes
+
+
+def _stored_files(data_dir: Path) -> list[Path]:
+    return files_under(data_dir / "datasets") + files_under(data_dir / "tmp")
+
+
+def _dataset_count(client: TestClient) -> int:
+    return int(client.get("/api/v1/datasets").json()["total"])
+
+
+def test_upload_records_images_labels_and_thumbnails(
+    client: TestClient, dataset: dict[str, Any], shapes_zip: Path, data_dir: Path
+) -> None:
+    assert dataset["image_count"] == 36
+    assert dataset["has_labels"] is True
+    assert (
+        dataset["class_names"] == sorted(dataset["class_names"])
+        and len(dataset["class_names"]) == 3
+    )
+    assert dataset["skipped"] == [] and dataset["skipped_count"] == 0
+
+    images = client.get(f"/api/v1/datasets/{dataset['id']}/images", params={"limit": 1000}).json()
+    assert images["total"] == 36 and len(images["items"]) == 36
+    with zipfile.ZipFile(shapes_zip) as archive:
+        names = sorted(n for n in archive.namelist() if not n.endswith("/"))
+        first = images["items"][0]
+        assert [item["filename"] for item in images["items"]] == names
+        original = client.get(f"/api/v1/datasets/{dataset['id']}/images/{first['id']}")
+        assert original.status_code == 200
+        assert original.content == archive.read(first["filename"])  # the bytes as uploaded
+    assert original.headers["content-type"] == first["media_type"]
+    assert {item["label"] for item in images["items"]} == {0, 1, 2}
+
+    thumb = client.get(
+        f"/api/v1/datasets/{dataset['id']}/images/{first['id']}", params={"thumbnail": "true"}
+    )
+    assert thumb.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(thumb.content)).size == (128, 128)
+    # Files live under datasets/<id>: originals and thumbnails, nothing left in tmp.
+    assert len(files_under(data_dir / "datasets" / dataset["id"])) == 72
+    assert files_under(data_dir / "tmp") == []
+
+    page = client.get(
+        f"/api/v1/datasets/{dataset['id']}/images", params={"offset": 30, "limit": 10}
+    ).json()
+    assert [i["position"] for i in page["items"]] == list(range(30, 36))
+    listed = client.get("/api/v1/datasets").json()
+    assert listed["total"] == 1 and listed["items"][0]["id"] == dataset["id"]
+    assert client.get(f"/api/v1/datasets/{dataset['id']}").json() == dataset
+
+
+def test_bad_entries_are_skipped_with_reasons(client: TestClient) -> None:
+    bad_png = png_bytes()[:40]  # truncated: a PNG header, then nothing
+    payload = zip_bytes(
+        {
+            "cats/a.png": png_bytes(),
+            "cats/b.png": png_bytes(colour=(0, 0, 255)),
+            "cats/notes.txt": b"not an image",
+            "cats/broken.png": bad_png,
+            "cats/tiny.png": png_bytes(size=(3, 3)),
+            "../escape.png": png_bytes(),
+            "/etc/absolute.png": png_bytes(),
+            ".hidden/c.png": png_bytes(),
+            "__MACOSX/cats/._a.png": b"resource fork",
+        }
+    )
+    response = upload_zip(client, payload, name="mixed")
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["name"] == "mixed" and body["image_count"] == 2
+    reasons = {entry["path"]: entry["reason"] for entry in body["skipped"]}
+    assert set(reasons) == {
+        "cats/notes.txt",
+        "cats/broken.png",
+        "cats/tiny.png",
+        "../escape.png",
+        "/etc/absolute.png",
+    }
+    assert "not an image" in reasons["cats/notes.txt"]
+    assert "small" in reasons["cats/tiny.png"]
+    assert "escapes" in reasons["../escape.png"] and "escapes" in reasons["/etc/absolute.png"]
+    assert body["skipped_count"] == 5
+    assert body["has_labels"] is False  # labels_from_folders is off by default
+
+
+def test_labels_need_every_image_in_a_folder(client: TestClient) -> None:
+    payload = zip_bytes({"top.png": png_bytes(), "dogs/a.png": png_bytes()})
+    body = upload_zip(client, payload, labels_from_folders="true").json()
+    assert body["image_count"] == 2 and body["has_labels"] is False and body["class_names"] is None
+
+
+def test_single_wrapping_folder_is_looked_through(client: TestClient) -> None:
+    payload = zip_bytes(
+        {"photos/cats/a.png": png_bytes(), "photos/dogs/b.png": png_bytes(colour=(1, 2, 3))}
+    )
+    body = upload_zip(client, payload, labels_from_folders="1").json()
+    assert body["class_names"] == ["cats", "dogs"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "words"),
+    [
+        (b"this is not a zip at all", 400, "not a zip"),
+        (zip_bytes({"readme.txt": b"hello", "data.csv": b"1,2,3"}), 422, "no usable image"),
+        (zip_bytes({}), 422, "no image"),
+        (zip_bytes({"../../evil.png": png_bytes()}), 422, "escapes"),
+    ],
+    ids=["not-a-zip", "no-images", "empty-zip", "only-escaping"],
+)
+def test_refused_uploads_leave_nothing(
+    client: TestClient, data_dir: Path, payload: bytes, status: int, words: str
+) -> None:
+    response = upload_zip(client, payload)
+    assert response.status_code == status, response.text
+    assert words in response.json()["detail"]
+    assert _dataset_count(client) == 0
+    assert _stored_files(data_dir) == []
+
+
+def test_form_problems(client: TestClient, data_dir: Path) -> None:
+    no_file = client.post("/api/v1/datasets", data={"name": "x"}, files={"other": ("a", b"1")})
+    assert no_file.status_code == 422 and "'file'" in no_file.json()["detail"]
+    not_multipart = client.post("/api/v1/datasets", json={"file": "x"})
+    assert not_multipart.status_code == 415
+    bad_flag = upload_zip(client, zip_bytes({"a.png": png_bytes()}), labels_from_folders="maybe")
+    assert bad_flag.status_code == 422 and "labels_from_folders" in bad_flag.json()["detail"]
+    assert _dataset_count(client) == 0 and _stored_files(data_dir) == []
+
+
+@pytest.fixture
+def strict_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[TestClient, Path]:
+    from app.main import create_app
+
+    root = tmp_path / "strict"
+    use_settings(
+        monkeypatch,
+        DATA_DIR=str(root),
+        MAX_UPLOAD_BYTES="20000",
+        MAX_ZIP_ENTRIES="5",
+        MAX_UNCOMPRESSED_BYTES="3000000",
+        MAX_COMPRESSION_RATIO="50",
+        MAX_IMAGE_PIXELS="10000",
+    )
+    return TestClient(create_app()), root
+
+
+def test_size_limits(strict_client: tuple[TestClient, Path]) -> None:
+    client, root = strict_client
+    with client:
+        too_big = upload_zip(client, b"PK" + bytes(30000))
+        assert too_big.status_code == 413 and "limit" in too_big.json()["detail"]
+
+        def chunks() -> Any:  # no Content-Length: the limit applies while streaming
+            yield b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.zip"\r\n\r\n'
+            for _ in range(10):
+                yield bytes(4096)
+            yield b"\r\n--xyz--\r\n"
+
+        streamed = client.post(
+            "/api/v1/datasets",
+            content=chunks(),
+            headers={"content-type": "multipart/form-data; boundary=xyz"},
+        )
+        assert streamed.status_code == 413, streamed.text
+
+        many = zip_bytes({f"{i}.png": png_bytes() for i in range(6)})
+        assert upload_zip(client, many).status_code == 413
+
+        expands = zip_bytes({"big.bin": bytes(4_000_000)})  # ~4 kB compressed
+        response = upload_zip(client, expands)
+        assert response.status_code == 413 and "expands" in response.json()["detail"]
+
+        bomb = zip_bytes({"bomb.bin": bytes(2_000_000), "a.png": png_bytes()})
+        response = upload_zip(client, bomb)
+        assert response.status_code == 413 and "ratio" in response.json()["detail"]
+
+        huge = zip_bytes({"a.png": png_bytes(), "huge.png": png_bytes(size=(200, 100))})
+        response = upload_zip(client, huge)
+        assert response.status_code == 201
+        assert "too large" in response.json()["skipped"][0]["reason"]
+        assert client.get("/api/v1/datasets").json()["total"] == 1
+    assert files_under(root / "tmp") == []
+
+
+def test_unknown_ids_are_404_with_a_message(client: TestClient, dataset: dict[str, Any]) -> None:
+    for path in (
+        "/api/v1/datasets/nope",
+        "/api/v1/datasets/nope/images",
+        "/api/v1/datasets/nope/images/nope",
+        f"/api/v1/datasets/{dataset['id']}/images/nope",
+    ):
+        response = client.get(path)
+        assert response.status_code == 404, path
+        assert "not found" in response.json()["detail"]
+    # An image id from another dataset is not served through this one.
+    other = upload_zip(client, zip_bytes({"x.png": png_bytes()})).json()
+    image_id = client.get(f"/api/v1/datasets/{other['id']}/images").json()["items"][0]["id"]
+    assert client.get(f"/api/v1/datasets/{dataset['id']}/images/{image_id}").status_code == 404

@@ -1,0 +1,118 @@
+"""Settings resolution, and docker-compose.yml / Dockerfile lining up with them (read, not run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from tests.service_support import use_settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_are_embedded_sqlite_under_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.core.config import get_settings
+
+    monkeypatch.chdir(tmp_path)
+    use_settings(monkeypatch)
+    settings = get_settings()
+    data_dir = tmp_path / "data"
+    resolved = (settings.DATA_DIR, settings.DATABASE_URL)
+    assert resolved == (data_dir, f"sqlite:///{data_dir / 'scan.db'}")
+    assert settings.JOB_RUNNER == "embedded" and settings.DEFAULT_PRESET == "cpu"
+    assert get_settings() is settings  # cached
+
+
+def test_production_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.core.config import get_settings
+
+    use_settings(
+        monkeypatch,
+        DATABASE_URL="postgres://u:p@db:5432/scan",
+        CELERY_BROKER_URL="redis://redis:6379/0",
+        JOB_SOFT_TIME_LIMIT_S="100",
+    )
+    settings = get_settings()
+    assert settings.DATABASE_URL == "postgresql+psycopg://u:p@db:5432/scan"
+    assert settings.JOB_RUNNER == "celery"
+    assert settings.CELERY_RESULT_BACKEND == "redis://redis:6379/0"
+    assert settings.JOB_HARD_TIME_LIMIT_S == 400
+    assert settings.CELERY_VISIBILITY_TIMEOUT_S == 1000  # above the hard limit
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"JOB_RUNNER": "celery"}, "needs CELERY_BROKER_URL"),
+        ({"JOB_SOFT_TIME_LIMIT_S": "100", "JOB_HARD_TIME_LIMIT_S": "50"}, "must exceed"),
+        (
+            {
+                "JOB_HARD_TIME_LIMIT_S": "1000",
+                "JOB_SOFT_TIME_LIMIT_S": "10",
+                "CELERY_VISIBILITY_TIMEOUT_S": "500",
+            },
+            "second worker",
+        ),
+        ({"JOB_RUNNER": "threads"}, "JOB_RUNNER"),
+    ],
+)
+def test_inconsistent_settings_are_refused(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], words: str
+) -> None:
+    from app.core.config import get_settings
+
+    use_settings(monkeypatch, **env)
+    with pytest.raises(ValidationError, match=words):
+        get_settings()
+
+
+def test_compose_services_and_variables_match_the_settings() -> None:
+    from app.core.config import Settings
+
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"api", "worker", "postgres", "redis"}
+    for name in services:
+        assert "healthcheck" in services[name], name
+    known = set(Settings.model_fields)
+    celery_own = {"REMAP_SIGTERM"}  # read by Celery itself, not by the service settings
+    for name in ("api", "worker"):
+        env = {k: v for k, v in services[name]["environment"].items() if k not in celery_own}
+        assert set(env) <= known, set(env) - known
+        settings = Settings(**{key: str(value) for key, value in env.items()})
+        assert settings.JOB_RUNNER == "celery" and settings.DATABASE_URL.startswith("postgresql")
+        assert settings.CELERY_BROKER_URL.startswith("redis://redis:")
+        assert "scan-data:/data" in services[name]["volumes"]
+        assert env["DATA_DIR"] == "/data"
+    assert "postgres:5432" in services["api"]["environment"]["DATABASE_URL"]
+    assert (
+        services["api"]["environment"]["DATABASE_URL"]
+        .split("@")[0]
+        .endswith(services["postgres"]["environment"]["POSTGRES_PASSWORD"])
+    )
+    worker = services["worker"]
+    command = worker["command"]
+    assert command[:4] == ["celery", "-A", "worker.celery_app", "worker"]
+    assert command[command.index("-Q") + 1] == "gpu"
+    assert command[command.index("--concurrency") + 1] == "1"
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert worker["depends_on"]["api"]["condition"] == "service_healthy"
+    assert worker["environment"]["REMAP_SIGTERM"] == "SIGQUIT"
+    grace_s = int(worker["stop_grace_period"].rstrip("s"))
+    assert grace_s > float(worker["environment"]["CELERY_SOFT_SHUTDOWN_TIMEOUT_S"])
+    assert services["api"]["command"] == ["scan-service"]
+    assert set(compose["volumes"]) == {"postgres-data", "redis-data", "scan-data"}
+
+
+def test_dockerfile_installs_the_project_and_runs_the_service() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    for copied in ("scan_engine", "app", "worker", "migrations", "alembic.ini", "pyproject.toml"):
+        assert copied in dockerfile
+    assert "pip install -e ." in dockerfile and 'CMD ["scan-service"]' in dockerfile
+    assert "DATA_DIR=/data" in dockerfile
