@@ -288,3 +288,25 @@ def make_shapes_zip(
             archive.writestr(info, payload)
     logger.info("wrote %d classes x %d shape images to %s", classes, per_class, zip_path)
     return zip_path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m scan_engine.sample_data OUT [--zip] [--classes N] [--per-class M]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a labelled sample collection of shapes.")
+    parser.add_argument("out", type=Path, help="a folder, or a .zip path with --zip")
+    parser.add_argument("--zip", action="store_true", help="write one zip instead of a folder")
+    parser.add_argument("--classes", type=int, default=4)
+    parser.add_argument("--per-class", type=int, default=60)
+    parser.add_argument("--image-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    make = make_shapes_zip if args.zip else make_shapes_collection
+    written = make(
+        args.out, classes=args.classes, per_class=args.per_class, image_size=args.image_size
+    )
+    print(written)
+
+
+if __name__ == "__main__":
+    main()

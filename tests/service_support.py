@@ -40,12 +40,12 @@ def _reachable(url: str, default_port: int) -> bool:
 
 def require_postgres() -> None:
     if not _reachable(PG_SERVER_URL, 5432):
-        pytest.skip(f"PostgreSQL not reachable at {PG_SERVER_URL}")
+        pytest.fail(f"PostgreSQL not reachable at {PG_SERVER_URL}: run scripts/services.sh")
 
 
 def require_redis() -> None:
     if not _reachable(REDIS_URL, 6379):
-        pytest.skip(f"Redis not reachable at {REDIS_URL}")
+        pytest.fail(f"Redis not reachable at {REDIS_URL}: run scripts/services.sh")
 
 
 @contextmanager
