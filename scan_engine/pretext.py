@@ -17,7 +17,14 @@ from scan_engine.config import ScanConfig
 from scan_engine.losses import NTXentLoss
 from scan_engine.models import ContrastiveModel, build_backbone
 from scan_engine.runtime import Runtime
-from scan_engine.training import Reporter, StepPlan, cosine_lr, device_generator, epoch_batches
+from scan_engine.training import (
+    BatchStream,
+    Reporter,
+    StepPlan,
+    cosine_lr,
+    device_generator,
+    optimizer_step,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +74,9 @@ def run_pretext(
     augment_generator = device_generator(runtime.device, generator)
     started = time.monotonic()
     step, loss_value, epoch_losses = 0, None, []
-    batches: list[torch.Tensor] = []
+    batches = BatchStream(num_images, batch_size, generator)
     while step < plan.total:
-        if not batches:
-            batches = epoch_batches(num_images, batch_size, generator)
-        index = batches.pop(0)
+        index = batches.next()
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(settings.lr, step, plan.total, warmup)
         batch = runtime.images(images[index])
@@ -81,15 +86,12 @@ def run_pretext(
             projections = model(torch.cat([view1, view2]))  # (2B, D), one pass for both views
         z1, z2 = projections.chunk(2)
         loss = criterion(z1, z2)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(optimizer, scaler, loss)
         loss_value = float(loss.detach())
         epoch_losses.append(loss_value)
         plan.after_step(step)
         step += 1
-        if step % plan.steps_per_epoch == 0 or step == plan.total:
+        if plan.epoch_ended(step):
             reporter.log(
                 {
                     "stage": "pretext",

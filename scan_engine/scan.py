@@ -19,7 +19,14 @@ from scan_engine.config import ScanConfig
 from scan_engine.losses import SCANLoss, entropy
 from scan_engine.models import ClusteringModel
 from scan_engine.runtime import Runtime
-from scan_engine.training import Reporter, StepPlan, device_generator, epoch_batches
+from scan_engine.training import (
+    BatchStream,
+    Reporter,
+    StepPlan,
+    device_generator,
+    head_parameters,
+    optimizer_step,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +73,9 @@ def run_scan(
     plan = StepPlan(settings.epochs, max(1, num_images // batch_size), budget_s)
     frozen = features is not None
     model = runtime.prepare(model)
-    if frozen:
-        model.backbone.requires_grad_(False)
-        parameters = [p for p in model.heads.parameters()]
+    parameters = head_parameters(model, frozen)
+    if features is not None:
         features = features.to(runtime.device)
-    else:
-        parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     scaler = runtime.grad_scaler()
     criterion = SCANLoss(settings.entropy_weight)
@@ -81,11 +85,9 @@ def run_scan(
     started = time.monotonic()
     step = 0
     running: list[float] = []
-    batches: list[torch.Tensor] = []
+    batches = BatchStream(num_images, batch_size, generator)
     while step < plan.total:
-        if not batches:
-            batches = epoch_batches(num_images, batch_size, generator)
-        index = batches.pop(0)
+        index = batches.next()
         neighbor_index = sample_neighbors(neighbors, index, generator)
         if frozen:
             assert features is not None
@@ -111,14 +113,11 @@ def run_scan(
             anchor_logits, neighbor_logits = logits.chunk(2, dim=1)
             loss, _, _ = criterion(anchor_logits, neighbor_logits)
             total = total + loss.sum()
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(optimizer, scaler, total)
         running.append(float(total.detach()))
         plan.after_step(step)
         step += 1
-        if step % plan.steps_per_epoch == 0 or step == plan.total:
+        if plan.epoch_ended(step):
             reporter.log(
                 {
                     "stage": "scan",

@@ -18,7 +18,14 @@ from scan_engine.config import ScanConfig
 from scan_engine.losses import ConfidenceCrossEntropy
 from scan_engine.models import ClusteringModel
 from scan_engine.runtime import Runtime
-from scan_engine.training import Reporter, StepPlan, device_generator, epoch_batches
+from scan_engine.training import (
+    BatchStream,
+    Reporter,
+    StepPlan,
+    device_generator,
+    head_parameters,
+    optimizer_step,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +69,11 @@ def run_selflabel(
     plan = StepPlan(settings.epochs, max(1, num_images // batch_size), budget_s)
     frozen = features is not None
     model = runtime.prepare(model)
+    parameters = head_parameters(model, frozen)
     if frozen:
         assert features is not None and augmented_features is not None
-        model.backbone.requires_grad_(False)
-        parameters = list(model.heads.parameters())
         features = features.to(runtime.device)
         augmented_features = augmented_features.to(runtime.device)
-    else:
-        parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     scaler = runtime.grad_scaler()
     criterion = ConfidenceCrossEntropy(settings.threshold)
@@ -80,11 +84,9 @@ def run_selflabel(
     step, skipped, confident_in_epoch = 0, 0, 0
     confident_per_epoch: list[int] = []
     best_confident, epochs_without_gain, stopped_early = -1, 0, False
-    batches: list[torch.Tensor] = []
+    batches = BatchStream(num_images, batch_size, generator)
     while step < plan.total:
-        if not batches:
-            batches = epoch_batches(num_images, batch_size, generator)
-        index = batches.pop(0)
+        index = batches.next()
         if frozen:
             assert features is not None and augmented_features is not None
             device_index = index.to(runtime.device)
@@ -107,13 +109,10 @@ def run_selflabel(
         if total is None:
             skipped += 1
         else:
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer_step(optimizer, scaler, total)
         plan.after_step(step)
         step += 1
-        if step % plan.steps_per_epoch == 0 or step == plan.total:
+        if plan.epoch_ended(step):
             confident_per_epoch.append(confident_in_epoch)
             reporter.log(
                 {

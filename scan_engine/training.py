@@ -17,7 +17,16 @@ from scan_engine.results import ProgressEvent, StopRequested
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Reporter", "StepPlan", "cosine_lr", "device_generator", "epoch_batches"]
+__all__ = [
+    "Reporter",
+    "StepPlan",
+    "BatchStream",
+    "cosine_lr",
+    "device_generator",
+    "epoch_batches",
+    "head_parameters",
+    "optimizer_step",
+]
 
 
 class Reporter:
@@ -119,6 +128,10 @@ class StepPlan:
         elapsed = self._last_step_end - self._timing_start
         return (self._steps_done - 1) * items_per_step / elapsed if elapsed > 0 else 0.0
 
+    def epoch_ended(self, steps_done: int) -> bool:
+        """True after the last step of an epoch or of the whole plan (time to log)."""
+        return steps_done % self.steps_per_epoch == 0 or steps_done == self.total
+
     @property
     def epochs(self) -> float:
         return self.total / self.steps_per_epoch
@@ -152,3 +165,36 @@ def device_generator(device: torch.device, generator: torch.Generator) -> torch.
     on_device = torch.Generator(device=device)
     on_device.manual_seed(seed)
     return on_device
+
+
+class BatchStream:
+    """Index batches across epochs: each epoch a new shuffle (see epoch_batches)."""
+
+    def __init__(self, num_items: int, batch_size: int, generator: torch.Generator) -> None:
+        self.num_items = num_items
+        self.batch_size = batch_size
+        self.generator = generator
+        self._pending: list[torch.Tensor] = []
+
+    def next(self) -> torch.Tensor:
+        if not self._pending:
+            self._pending = epoch_batches(self.num_items, self.batch_size, self.generator)
+        return self._pending.pop(0)
+
+
+def head_parameters(model: torch.nn.Module, frozen: bool) -> list[torch.nn.Parameter]:
+    """What the optimiser updates: only the heads on the frozen route, else all trainable."""
+    if frozen:
+        model.backbone.requires_grad_(False)  # type: ignore[operator]
+        return list(model.heads.parameters())  # type: ignore[operator]
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor
+) -> None:
+    """Backward + step with the runtime's grad scaler (a no-op scaler outside fp16)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
