@@ -1,0 +1,88 @@
+"""Web pages for people: upload and lists at `/`, job progress at `/jobs/{id}`, the cluster
+gallery at `/jobs/{id}/gallery`.
+
+The pages are Jinja2 shells; small hand-written scripts in app/static fill them from the REST API
+(/api/v1) with fetch. Everything is served by this app: no CDN, nothing from the internet.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+
+from app.api.deps import OwnerDep, SessionDep, SettingsDep
+from app.db.models import Dataset, Job
+from scan_engine.config import PRESETS
+
+__all__ = ["router", "install"]
+
+logger = logging.getLogger(__name__)
+
+APP_DIR = Path(__file__).resolve().parents[2]
+API_BASE = "/api/v1"
+STAGES = ("pretext", "mine", "scan", "selflabel", "finalize")
+
+router = APIRouter(include_in_schema=False)
+templates = Jinja2Templates(directory=APP_DIR / "templates")
+
+
+def install(app: FastAPI) -> None:
+    """Add the pages and their static files (CSS, JS) to `app`."""
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=APP_DIR / "static"), name="static")
+
+
+def _not_found(request: Request, what: str) -> HTMLResponse:
+    return templates.TemplateResponse(
+        request, "not_found.html", {"api": API_BASE, "what": what}, status_code=404
+    )
+
+
+@router.get("/", response_class=HTMLResponse)
+def index_page(request: Request, settings: SettingsDep) -> HTMLResponse:
+    """Upload a zip and start a job; the lists of datasets and jobs."""
+    return templates.TemplateResponse(
+        request,
+        "index.html",
+        {
+            "api": API_BASE,
+            "presets": list(PRESETS),
+            "default_preset": settings.DEFAULT_PRESET,
+            "max_upload_bytes": settings.MAX_UPLOAD_BYTES,
+        },
+    )
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse)
+def job_page(request: Request, session: SessionDep, owner: OwnerDep, job_id: str) -> HTMLResponse:
+    """Live progress of one job: stage, progress bar, ETA, timings, error, cancel."""
+    job = session.get(Job, job_id)
+    if job is None or job.owner_id != owner.id:  # another owner's job: not found either
+        return _not_found(request, f"job {job_id}")
+    dataset = session.get(Dataset, job.dataset_id)
+    return templates.TemplateResponse(
+        request,
+        "job.html",
+        {"api": API_BASE, "job": job, "dataset": dataset, "stages": STAGES},
+    )
+
+
+@router.get("/jobs/{job_id}/gallery", response_class=HTMLResponse)
+def gallery_page(
+    request: Request, session: SessionDep, owner: OwnerDep, job_id: str
+) -> HTMLResponse:
+    """The clusters of a finished job: cards, members, metrics, the map, downloads."""
+    job = session.get(Job, job_id)
+    if job is None or job.owner_id != owner.id:  # another owner's job: not found either
+        return _not_found(request, f"job {job_id}")
+    dataset = session.get(Dataset, job.dataset_id)
+    return templates.TemplateResponse(
+        request,
+        "gallery.html",
+        {"api": API_BASE, "job": job, "dataset": dataset},
+    )
