@@ -42,7 +42,7 @@ class EmbeddedDispatcher:
     kind = "embedded"
 
     def __init__(self, settings: Settings) -> None:
-        self.worker = EmbeddedWorker(settings.EMBEDDED_WORKERS)
+        self.worker = EmbeddedWorker(settings.EMBEDDED_WORKERS, settings)
 
     def start(self) -> None:
         self.worker.start(resume=True)

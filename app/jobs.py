@@ -1,10 +1,12 @@
 """Run one clustering job: the single job function both the embedded worker and Celery call.
 
-`run_job(job_id)` claims the job (queued/running -> running), loads its stored images with
+`run_job(job_id)` takes the job's lease (app.leases: queued, or running on an expired lease ->
+running, with one atomic conditional UPDATE), loads its stored images with
 scan_engine.data.load_files, builds the config with make_config, runs scan_engine.pipeline.run
 in DATA_DIR/jobs/<id>/work (a rerun resumes from the checkpoints there), and stores all result
-sets, clusters and assignments in one transaction. Idempotent: a finished job is left alone, so a
-redelivered task is harmless.
+sets, clusters and assignments in one transaction. A heartbeat thread renews the lease; every
+write is conditional on still holding it. Idempotent: a finished job is left alone and a job
+running under another worker's live lease is not touched, so a redelivered task is harmless.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,7 @@ from app.core.config import Settings, get_settings
 from app.db.models import Assignment, Cluster, Dataset, Job, JobStatus, ResultSet, utcnow
 from app.db.models import Image as ImageRow
 from app.db.session import get_sessionmaker
+from app.leases import Heartbeat, lease_free_clause, lease_is_free, new_holder
 from app.maps import save_embedding
 from app.storage import Storage
 from scan_engine.results import ProgressEvent, StopRequested
@@ -81,10 +84,17 @@ class ProgressWriter:
     A failed write is logged and ignored: a DB hiccup must not kill a long job.
     """
 
-    def __init__(self, job_id: str, factory: sessionmaker[Session], interval_s: float) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        factory: sessionmaker[Session],
+        interval_s: float,
+        holder: str | None = None,
+    ) -> None:
         self.job_id = job_id
         self.factory = factory
         self.interval_s = interval_s
+        self.holder = holder  # when set, only written while this lease holder has the job
         self.stage: str | None = None
         self.timings: dict[str, float] = {}
         self._stage_started = time.monotonic()
@@ -108,20 +118,20 @@ class ProgressWriter:
         }
         if stage_changed:
             values["timings"] = dict(self.timings)
+        where = [Job.id == self.job_id, Job.status == JobStatus.RUNNING]
+        if self.holder is not None:
+            where.append(Job.lease_owner == self.holder)
         try:
             with self.factory() as session, session.begin():
-                session.execute(
-                    update(Job)
-                    .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING)
-                    .values(**values)
-                )
+                session.execute(update(Job).where(*where).values(**values))
         except Exception:
             logger.warning("progress write failed", extra={"job_id": self.job_id}, exc_info=True)
 
 
 class StopFlag:
     """Pipeline should_stop callback: true once the job is cancelled (read from the DB at most
-    every `interval_s`) or the process is shutting down (`shutdown` event, embedded mode)."""
+    every `interval_s`), the process is shutting down (`shutdown` event, embedded mode) or the
+    job's lease is lost (`lease_lost` event, set by the heartbeat)."""
 
     def __init__(
         self,
@@ -129,16 +139,20 @@ class StopFlag:
         factory: sessionmaker[Session],
         interval_s: float,
         shutdown: threading.Event | None = None,
+        lease_lost: threading.Event | None = None,
     ) -> None:
         self.job_id = job_id
         self.factory = factory
         self.interval_s = interval_s
         self.shutdown = shutdown
+        self.lease_lost = lease_lost
         self.cancelled = False
         self._last_check = float("-inf")
 
     def __call__(self) -> bool:
         if self.cancelled or (self.shutdown is not None and self.shutdown.is_set()):
+            return True
+        if self.lease_lost is not None and self.lease_lost.is_set():
             return True
         now = time.monotonic()
         if now - self._last_check < self.interval_s:
@@ -170,41 +184,96 @@ class _ClaimedJob:
     work_dir: str
 
 
-def _claim(job_id: str, factory: sessionmaker[Session], settings: Settings) -> _ClaimedJob | None:
-    """Mark the job running and read what it needs; None when there is nothing to run."""
+def _claim(
+    job_id: str, factory: sessionmaker[Session], settings: Settings, holder: str
+) -> _ClaimedJob | None:
+    """Take the job's lease for `holder` and read what it needs; None when there is nothing to
+    run here (missing, finished, cancelled, out of attempts, or held by a live worker)."""
+    now = utcnow()
     with factory() as session, session.begin():
-        job = session.get(Job, job_id, with_for_update=True)
-        if job is None:
+        seen = session.execute(
+            select(
+                Job.status,
+                Job.cancel_requested,
+                Job.attempts,
+                Job.lease_owner,
+                Job.lease_expires_at,
+                Job.started_at,
+            ).where(Job.id == job_id)
+        ).one_or_none()
+        if seen is None:
             logger.warning("job not found", extra={"job_id": job_id})
             return None
-        if job.status in JobStatus.FINISHED:
-            logger.info("job already %s; left alone", job.status, extra={"job_id": job_id})
+        if seen.status in JobStatus.FINISHED:
+            logger.info("job already %s; left alone", seen.status, extra={"job_id": job_id})
             return None
-        now = utcnow()
-        if job.cancel_requested:
-            job.status, job.finished_at = JobStatus.CANCELLED, now
-            job.duration_s = _duration(job.started_at, now)
+        if not lease_is_free(seen.status, seen.lease_owner, seen.lease_expires_at, now):
+            logger.info(
+                "job is running under another worker's lease; this delivery leaves it alone",
+                extra={"job_id": job_id, "lease_owner": seen.lease_owner},
+            )
             return None
-        if job.attempts >= settings.JOB_MAX_ATTEMPTS:
-            job.status, job.finished_at = JobStatus.FAILED, now
-            job.duration_s = _duration(job.started_at, now)
-            job.error = (
-                f"gave up after {job.attempts} attempts (the worker running it stopped or was "
+        # Compare-and-set against what was read: of two workers, exactly one gets rowcount 1.
+        unchanged = [
+            Job.id == job_id,
+            Job.status == seen.status,
+            Job.attempts == seen.attempts,
+            Job.lease_owner.is_(None)
+            if seen.lease_owner is None
+            else Job.lease_owner == seen.lease_owner,
+            lease_free_clause(seen.lease_owner, now),
+        ]
+        done: dict[str, Any] = {
+            "finished_at": now,
+            "duration_s": _duration(seen.started_at, now),
+            "eta_s": None,
+            "lease_expires_at": None,
+        }
+        if seen.cancel_requested:
+            session.execute(
+                update(Job).where(*unchanged).values(status=JobStatus.CANCELLED, **done)
+            )
+            return None
+        if seen.attempts >= settings.JOB_MAX_ATTEMPTS:
+            error = (
+                f"gave up after {seen.attempts} attempts (the worker running it stopped or was "
                 "killed each time)"
             )
-            logger.error(job.error, extra={"job_id": job_id})
+            session.execute(
+                update(Job).where(*unchanged).values(status=JobStatus.FAILED, error=error, **done)
+            )
+            logger.error(error, extra={"job_id": job_id})
             return None
+        taken = session.execute(  # type: ignore[attr-defined]
+            update(Job)
+            .where(*unchanged)
+            .values(
+                status=JobStatus.RUNNING,
+                started_at=seen.started_at or now,
+                attempts=Job.attempts + 1,
+                error=None,
+                work_dir=Storage.job_work_dir(job_id),
+                lease_owner=holder,
+                lease_expires_at=now + timedelta(seconds=settings.JOB_LEASE_S),
+                heartbeat_at=now,
+            )
+        ).rowcount
+        if not taken:
+            logger.info("another worker took the job first", extra={"job_id": job_id})
+            return None
+        if seen.status == JobStatus.RUNNING:
+            logger.warning(
+                "taking over a job whose worker stopped; resuming from its last checkpoint",
+                extra={"job_id": job_id, "previous_holder": seen.lease_owner},
+            )
+        job = session.get(Job, job_id)
+        assert job is not None  # just updated, in this transaction
         dataset = session.get(Dataset, job.dataset_id)
         rows = session.execute(
             select(ImageRow.id, ImageRow.stored_path, ImageRow.label)
             .where(ImageRow.dataset_id == job.dataset_id)
             .order_by(ImageRow.position)
         ).all()
-        job.status = JobStatus.RUNNING
-        job.started_at = job.started_at or now
-        job.attempts += 1
-        job.error = None
-        job.work_dir = Storage.job_work_dir(job_id)
         has_labels = dataset is not None and dataset.has_labels
         labels = [row.label for row in rows] if has_labels else None
         if labels is not None and any(label is None for label in labels):
@@ -219,35 +288,50 @@ def _claim(job_id: str, factory: sessionmaker[Session], settings: Settings) -> _
             stored_paths=[row.stored_path for row in rows],
             labels=labels,
             class_names=dataset.class_names if (dataset and labels is not None) else None,
-            work_dir=job.work_dir,
+            work_dir=Storage.job_work_dir(job_id),
         )
 
 
 def _finish(
-    factory: sessionmaker[Session], job_id: str, status: str, error: str | None = None
+    factory: sessionmaker[Session],
+    job_id: str,
+    status: str,
+    error: str | None = None,
+    holder: str | None = None,
 ) -> None:
+    """Mark the job finished, unless it already is or (`holder` given) another worker has it."""
     with factory() as session, session.begin():
         job = session.get(Job, job_id, with_for_update=True)
         if job is None or job.status in JobStatus.FINISHED:
+            return
+        if holder is not None and job.lease_owner != holder:
             return
         now = utcnow()
         job.status, job.finished_at = status, now
         job.duration_s = _duration(job.started_at, now)
         job.eta_s = None
+        job.lease_expires_at = None
         if error is not None:
             job.error = error[:_MAX_ERROR_CHARS]
 
 
-def _requeue_after_shutdown(factory: sessionmaker[Session], job_id: str) -> None:
+def _requeue_after_shutdown(
+    factory: sessionmaker[Session], job_id: str, holder: str | None = None
+) -> None:
     """The process is stopping (not a cancel): leave the job queued to resume at next start."""
+    where = [Job.id == job_id, Job.status == JobStatus.RUNNING]
+    if holder is not None:
+        where.append(Job.lease_owner == holder)
     with factory() as session, session.begin():
         session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+            .where(*where)
             .values(
                 status=JobStatus.QUEUED,
                 attempts=Job.attempts - 1,
                 eta_s=None,
+                lease_owner=None,
+                lease_expires_at=None,
                 message="interrupted by a shutdown; resumes from its checkpoint",
             )
         )
@@ -259,16 +343,21 @@ def save_results(
     ids: list[str],
     result: PipelineResult,
     storage: Storage,
+    holder: str | None = None,
 ) -> str:
     """Store every result set, its clusters and assignments, and mark the job: ONE transaction.
 
     `ids[i]` is the image id of row i of the engine's arrays (the collection's ids). The job
-    must be running; a cancel that arrived meanwhile wins and nothing is stored.
+    must be running (and, `holder` given, under that lease: a worker whose lease was taken over
+    stores nothing); a cancel that arrived meanwhile wins and nothing is stored.
     """
     with factory() as session, session.begin():
         job = session.get(Job, job_id, with_for_update=True)
         if job is None or job.status != JobStatus.RUNNING:
             return job.status if job is not None else JobStatus.CANCELLED
+        if holder is not None and job.lease_owner != holder:
+            logger.warning("lease lost before the results were stored", extra={"job_id": job_id})
+            return job.status
         now = utcnow()
         if job.cancel_requested:
             job.status, job.finished_at = JobStatus.CANCELLED, now
@@ -337,12 +426,18 @@ def save_results(
                     "could not store the 2-D map", extra={"job_id": job_id}, exc_info=True
                 )
         job.status, job.finished_at = JobStatus.SUCCEEDED, now
+        job.lease_expires_at = None
         job.duration_s = _duration(job.started_at, now)
         job.progress, job.eta_s, job.stage = 1.0, 0.0, "finalize"
         job.timings = jsonable(result.timings)
         job.metrics = jsonable(result.metrics) if result.metrics else None
         job.notes = [str(note) for note in result.notes]
         job.message = None
+        k_selection = getattr(result, "k_selection", None)
+        if k_selection is not None:  # K chosen by the pipeline: the job's K from now on
+            job.num_clusters = int(k_selection["chosen"])
+            job.cluster_counts = [int(r.num_clusters) for r in result.results]
+            job.config = {**job.config, "num_clusters": job.num_clusters}
         if result.model_path:
             try:
                 job.model_path = storage.relpath(Path(result.model_path))
@@ -357,6 +452,7 @@ def _execute(
     settings: Settings,
     storage: Storage,
     stop: StopFlag,
+    holder: str | None = None,
 ) -> str:
     # Imported here: the engine (and torch) load only in processes that run jobs.
     from scan_engine.config import make_config
@@ -388,7 +484,7 @@ def _execute(
 
     work_dir = storage.abspath(claimed.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    writer = ProgressWriter(claimed.job_id, factory, settings.PROGRESS_INTERVAL_S)
+    writer = ProgressWriter(claimed.job_id, factory, settings.PROGRESS_INTERVAL_S, holder)
     result = pipeline.run(
         collection,
         config,
@@ -397,37 +493,52 @@ def _execute(
         should_stop=stop,
         device=settings.JOB_DEVICE or None,
     )
-    return save_results(factory, claimed.job_id, list(collection.ids), result, storage)
+    return save_results(factory, claimed.job_id, list(collection.ids), result, storage, holder)
 
 
 def run_job(job_id: str, *, shutdown: threading.Event | None = None) -> str | None:
     """Run job `job_id` to the end; its final status (None when the job does not exist).
 
     StopRequested from a cancel -> "cancelled"; from `shutdown` (embedded worker stopping) ->
-    back to "queued" to resume later; any other exception -> "failed" with the error text.
+    back to "queued" to resume later; from a lost lease -> the job is left to the worker that
+    holds it now; any other exception -> "failed" with the error text. A job this call cannot
+    take (finished, or running under another worker's live lease) is left as it is and its
+    status returned.
     """
     settings = get_settings()
     storage = Storage(settings.DATA_DIR)
     factory = get_sessionmaker()
-    claimed = _claim(job_id, factory, settings)
+    holder = new_holder()
+    claimed = _claim(job_id, factory, settings, holder)
     if claimed is None:
         with factory() as session:
             return session.scalar(select(Job.status).where(Job.id == job_id))
-    logger.info("job started", extra={"job_id": job_id})
-    stop = StopFlag(job_id, factory, settings.CANCEL_CHECK_INTERVAL_S, shutdown)
+    logger.info("job started", extra={"job_id": job_id, "holder": holder})
+    heartbeat = Heartbeat(
+        factory, job_id, holder, settings.JOB_LEASE_S, settings.JOB_HEARTBEAT_S
+    ).start()
+    stop = StopFlag(
+        job_id, factory, settings.CANCEL_CHECK_INTERVAL_S, shutdown, lease_lost=heartbeat.lost
+    )
     try:
-        status = _execute(claimed, factory, settings, storage, stop)
+        status = _execute(claimed, factory, settings, storage, stop, holder)
     except StopRequested:
+        if heartbeat.lost.is_set():
+            logger.warning("job lease lost; left to its new holder", extra={"job_id": job_id})
+            with factory() as session:
+                return session.scalar(select(Job.status).where(Job.id == job_id))
         if shutdown is not None and shutdown.is_set() and not stop.cancelled:
-            _requeue_after_shutdown(factory, job_id)
+            _requeue_after_shutdown(factory, job_id, holder)
             logger.info("job interrupted by shutdown", extra={"job_id": job_id})
             return JobStatus.QUEUED
-        _finish(factory, job_id, JobStatus.CANCELLED)
+        _finish(factory, job_id, JobStatus.CANCELLED, holder=holder)
         logger.info("job cancelled", extra={"job_id": job_id})
         return JobStatus.CANCELLED
     except Exception as error:
         logger.exception("job failed", extra={"job_id": job_id})
-        _finish(factory, job_id, JobStatus.FAILED, f"{type(error).__name__}: {error}")
+        _finish(factory, job_id, JobStatus.FAILED, f"{type(error).__name__}: {error}", holder)
         return JobStatus.FAILED
+    finally:
+        heartbeat.stop()
     logger.info("job finished", extra={"job_id": job_id, "status": status})
     return status

@@ -16,10 +16,10 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from app.api.routes import datasets, gallery, health, jobs, pages
+from app.api.routes import datasets, gallery, health, jobs, pages, predict
 from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
 from app.db.migrate import upgrade_to_head
@@ -52,6 +52,15 @@ def _database_unavailable(
     return handler
 
 
+async def _value_out_of_range(request: Request, error: Exception) -> JSONResponse:
+    # A request value the database cannot hold (an offset of 10**30, an id with a NUL byte):
+    # the client's mistake, not a server error.
+    logger.warning("request value refused by the database: %s", error.__class__.__name__)
+    return JSONResponse(
+        {"detail": "a value in the request is out of range or not storable"}, status_code=422
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API app; at start-up it migrates the DB (MIGRATE_ON_START) and starts the dispatcher."""
     settings = settings or get_settings()
@@ -65,7 +74,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dispatcher = make_dispatcher(settings)
         await run_in_threadpool(dispatcher.start)
         app.state.dispatcher = dispatcher
-        logger.info("service started", extra={"runner": dispatcher.kind})
+        logger.info(
+            "service started", extra={"runner": dispatcher.kind, "auth": settings.AUTH_MODE}
+        )
         try:
             yield
         finally:
@@ -82,12 +93,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api.include_router(datasets.router)
     api.include_router(jobs.router)
     api.include_router(gallery.router)
+    api.include_router(predict.router)
     app.include_router(api)
     app.include_router(health.router)
     pages.install(app)  # HTML pages and their static files, outside /api
     handler = _database_unavailable(settings)
     for error_type in (OperationalError, DBAPIError, PoolTimeoutError):
         app.add_exception_handler(error_type, handler)
+    for value_error in (DataError, OverflowError):
+        app.add_exception_handler(value_error, _value_out_of_range)
     return app
 
 

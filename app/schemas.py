@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -70,7 +70,17 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset_id: str
-    num_clusters: int = Field(ge=2, description="K, the number of groups asked for.")
+    num_clusters: int | None = Field(
+        None,
+        ge=2,
+        description="K, the number of groups asked for. Leave it and num_clusters_range out to "
+        "let the pipeline choose K in [2, min(20, images / 10)].",
+    )
+    num_clusters_range: tuple[int, int] | None = Field(
+        None,
+        description="K unknown: [low, high]; the pipeline picks K by a label-free score and "
+        "reports every candidate's score in the job's k_selection.",
+    )
     overcluster: float | list[int] | None = Field(
         None, description="A factor >= 1 (C = ceil(factor*K)) or a list of extra cluster counts."
     )
@@ -78,6 +88,12 @@ class JobCreate(BaseModel):
     overrides: dict[str, Any] = Field(
         default_factory=dict, description='Nested config overrides, e.g. {"scan": {"epochs": 5}}.'
     )
+
+    @model_validator(mode="after")
+    def _k_or_range(self) -> JobCreate:
+        if self.num_clusters is not None and self.num_clusters_range is not None:
+            raise ValueError("give num_clusters or num_clusters_range, not both")
+        return self
 
 
 class ResultSetPublic(BaseModel):
@@ -97,7 +113,18 @@ class JobPublic(BaseModel):
     progress: float
     eta_s: float | None
     message: str | None
-    num_clusters: int
+    num_clusters: int | None = Field(
+        description="K: as asked, or as chosen by the pipeline (k_selection) once the job has "
+        "succeeded; null while it is still to be chosen."
+    )
+    num_clusters_range: list[int] | None = Field(
+        None, description="[low, high] when the pipeline chooses K."
+    )
+    k_selection: dict[str, Any] | None = Field(
+        None,
+        description="Every candidate K's label-free score and its parts, and the choice "
+        "(scan_engine.model_selection); another candidate can be run as num_clusters.",
+    )
     overcluster: float | list[int] | None
     cluster_counts: list[int]
     preset: str

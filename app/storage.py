@@ -3,20 +3,30 @@
 Layout: datasets/<id>/images/<position><ext>, datasets/<id>/thumbs/<position>.jpg,
 jobs/<id>/work (pipeline checkpoints, features), tmp/ (uploads in flight; same filesystem so a
 finished upload moves into place with one rename), models/ (local backbone weights).
+
+An upload in flight holds an advisory lock (flock) on tmp/<folder>/.lock. The kernel drops it
+when the process dies, however it dies, so a restarted API can tell a half upload left by a
+crash (unlocked: removed at start) from another replica's upload in progress (locked: kept).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 __all__ = ["Storage", "StoragePathError"]
 
 logger = logging.getLogger(__name__)
+
+
+_LOCK_NAME = ".lock"
 
 
 class StoragePathError(ValueError):
@@ -61,26 +71,59 @@ class Storage:
         path.mkdir(parents=True)
         return path
 
-    def clean_stale_temp(self, max_age_s: float) -> int:
-        """Remove temp folders older than `max_age_s` (left by a crash); how many were removed.
+    @contextmanager
+    def locked_temp_dir(self, prefix: str) -> Iterator[Path]:
+        """A fresh temp folder, locked while the block runs and removed after it."""
+        path = self.make_temp_dir(prefix)
+        handle = (path / _LOCK_NAME).open("wb")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield path
+        finally:
+            self.remove(path)
+            handle.close()  # releases the lock
 
-        Only old ones: another API replica may be receiving an upload into tmp/ right now.
+    @staticmethod
+    def _abandoned(path: Path, grace_s: float) -> bool | None:
+        """True: its lock is free (the process holding it died); False: in use; None: no lock."""
+        lock = path / _LOCK_NAME
+        try:
+            handle = lock.open("rb")
+        except FileNotFoundError:
+            return None
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            # Just created and not locked yet by its owner: leave it a moment.
+            return time.time() - lock.stat().st_mtime > grace_s
+
+    def clean_stale_temp(self, max_age_s: float, grace_s: float = 2.0) -> int:
+        """Remove temp folders left by a crash; how many were removed.
+
+        A locked folder is another process's upload in progress and stays; an unlocked one is
+        an abandoned half upload; one without a lock file goes once older than `max_age_s`.
         """
         removed = 0
         cutoff = time.time() - max_age_s
         for path in (self.root / "tmp").glob("*"):
             try:
-                if path.stat().st_mtime < cutoff:
+                abandoned = self._abandoned(path, grace_s)
+                if abandoned or (abandoned is None and path.stat().st_mtime < cutoff):
                     self.remove(path)
                     removed += 1
             except OSError:
                 continue
+        if removed:
+            logger.info("removed %d abandoned upload folders", removed)
         return removed
 
     def move_into_place(self, source: Path, relative: str) -> Path:
         """Rename a finished temp folder to its final relative place (atomic on one filesystem)."""
         target = self.abspath(relative)
         target.parent.mkdir(parents=True, exist_ok=True)
+        (Path(source) / _LOCK_NAME).unlink(missing_ok=True)  # the lock stays held on its inode
         os.replace(source, target)
         return target
 

@@ -3,8 +3,13 @@
 Nothing half-written survives a failure: the zip and the extracted files go to a temp folder
 under DATA_DIR/tmp, the dataset and image rows are committed in one transaction, and only then
 is the folder renamed into place (rows are deleted again if that rename fails). Whole-upload
-problems (not a zip, zip bomb, no usable image) raise UploadError with an HTTP status and a
-message; problems with single entries skip that entry with a reason.
+problems (not a zip, zip bomb, no usable image, the owner's storage full) raise UploadError with
+an HTTP status and a message; problems with single entries (unsafe path, symlink, nested archive,
+not an image, corrupt, decompression bomb, too small) skip that entry with a reason.
+
+Zip-bomb limits are checked before extracting (entry count from the end record, before the
+central directory is parsed; declared total size; compression ratios) and while extracting (no
+entry yields more than it declared, the running total stays under the limit).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import hashlib
 import logging
 import re
 import shutil
+import struct
 import zipfile
 import zlib
 from collections.abc import AsyncIterator
@@ -22,11 +28,12 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from sqlalchemy import delete, insert
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
-from app.db.models import Dataset, new_id
+from app.db.models import Dataset, Owner, new_id
 from app.db.models import Image as ImageRow
 from app.storage import Storage
 from scan_engine.data import (
@@ -39,8 +46,12 @@ from scan_engine.data import (
 __all__ = [
     "UploadError",
     "ReceivedUpload",
+    "Ingested",
     "receive_multipart",
     "ingest_zip",
+    "find_duplicate",
+    "check_storage_room",
+    "storage_used",
     "parse_bool",
     "folder_labels",
     "remove_quietly",
@@ -57,6 +68,19 @@ _IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 _EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp"}
 _EXTENSIONS |= {"GIF": ".gif", "TIFF": ".tif"}
+_MAX_PATH_CHARS = 1024  # images.original_path
+_ARCHIVE_EXTENSIONS = (".zip", ".jar", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".7z", ".rar")
+# Leading bytes of archives: zip (local header, empty zip), gzip, bzip2, xz, 7z, rar.
+_ARCHIVE_MAGIC = (
+    b"PK\x03\x04",
+    b"PK\x05\x06",
+    b"\x1f\x8b",
+    b"BZh",
+    b"\xfd7zXZ",
+    b"7z\xbc\xaf",
+    b"Rar!",
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class UploadError(Exception):
@@ -66,6 +90,12 @@ class UploadError(Exception):
         super().__init__(message)
         self.status_code = status_code
         self.message = message
+
+
+def printable(text: str, limit: int = _MAX_PATH_CHARS) -> str:
+    """`text` with control characters shown as '?' and cut to `limit` (for names and reports)."""
+    cleaned = _CONTROL.sub("?", text)
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."
 
 
 def parse_bool(value: str | None, name: str) -> bool:
@@ -89,6 +119,7 @@ class ReceivedUpload:
     filename: str | None
     fields: dict[str, str]
     size_bytes: int
+    sha256: str  # of the zip's bytes: a repeated upload is recognised by it
 
 
 class _MultipartSink:
@@ -105,6 +136,7 @@ class _MultipartSink:
         self._header_value = b""
         self._name: str | None = None
         self._value = bytearray()
+        self.digest = hashlib.sha256()
 
     def callbacks(self) -> dict[str, Any]:
         return {
@@ -148,6 +180,7 @@ class _MultipartSink:
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._file is not None:
             self._file.write(data[start:end])
+            self.digest.update(data[start:end])
         else:
             self._value += data[start:end]
             if len(self._value) > _MAX_FIELD_BYTES:
@@ -202,7 +235,7 @@ async def receive_multipart(
         sink.close()
     if not sink.file_seen:
         raise UploadError(422, "the form has no 'file' field holding the zip")
-    return ReceivedUpload(dest, sink.filename, sink.fields, received)
+    return ReceivedUpload(dest, sink.filename, sink.fields, received, sink.digest.hexdigest())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +260,7 @@ class _Extraction:
     skipped: list[dict[str, str]] = field(default_factory=list)
 
     def skip(self, path: str, reason: str) -> None:
-        self.skipped.append({"path": path, "reason": reason})
+        self.skipped.append({"path": printable(path), "reason": printable(reason)})
 
 
 def _member_path(name: str) -> tuple[str | None, str | None]:
@@ -242,7 +275,23 @@ def _member_path(name: str) -> tuple[str | None, str | None]:
         return None, "path escapes the upload folder (..)"
     if not parts or any(part.startswith(".") or part in _IGNORED_NAMES for part in parts):
         return None, None  # hidden files, macOS resource forks: not content, not worth a reason
-    return "/".join(parts), None
+    if _CONTROL.search(name):
+        return None, "unsafe path (control character)"
+    relative = "/".join(parts)
+    if len(relative) > _MAX_PATH_CHARS:
+        return None, f"path longer than {_MAX_PATH_CHARS} characters"
+    return relative, None
+
+
+def _declared_entry_count(zip_path: Path) -> int | None:
+    """Entries the zip's end record declares, read before zipfile parses the central directory
+    (a huge directory would otherwise cost memory first); None when there is no end record."""
+    try:
+        with zip_path.open("rb") as handle:
+            end = zipfile._EndRecData(handle)  # type: ignore[attr-defined]
+    except (OSError, struct.error, ValueError):
+        return None
+    return None if end is None else int(end[zipfile._ECD_ENTRIES_TOTAL])  # type: ignore[attr-defined]
 
 
 def _check_archive(infos: list[zipfile.ZipInfo], settings: Settings) -> None:
@@ -266,16 +315,19 @@ def _check_archive(infos: list[zipfile.ZipInfo], settings: Settings) -> None:
         )
 
 
-def _entry_problem(info: zipfile.ZipInfo, settings: Settings) -> str | None:
+def _entry_problem(info: zipfile.ZipInfo, relative: str, settings: Settings) -> str | None:
     if info.flag_bits & 0x1:
         return "encrypted zip entry"
     if (info.external_attr >> 16) & 0o170000 == 0o120000:
         return "symbolic link"
-    if info.file_size > MAX_FILE_BYTES:
-        return f"file too large ({info.file_size} bytes)"
+    if relative.lower().endswith(_ARCHIVE_EXTENSIONS):
+        return "nested archive (archives inside the zip are not extracted)"
     ratio = info.file_size / max(info.compress_size, 1)
     if info.file_size > _COPY_CHUNK and ratio > settings.MAX_COMPRESSION_RATIO:
         return f"compression ratio {ratio:.0f} is over the limit (zip bomb?)"
+    limit = min(settings.MAX_ENTRY_BYTES, MAX_FILE_BYTES)
+    if info.file_size > limit:
+        return f"file too large ({info.file_size} bytes; the limit is {limit})"
     return None
 
 
@@ -295,12 +347,19 @@ def _copy_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path) -
 
 def _inspect_image(path: Path, settings: Settings) -> tuple[str, int, int]:
     """(Pillow format, width, height) from the header; raises ImageDecodeError with the reason."""
+    if path.stat().st_size == 0:
+        raise ImageDecodeError("empty file")
     try:
         with Image.open(path, formats=SUPPORTED_FORMATS) as image:
             fmt, (width, height) = image.format or "", image.size
     except Image.DecompressionBombError as error:
         raise ImageDecodeError(f"decompression bomb: {error}") from None
     except UnidentifiedImageError:
+        with path.open("rb") as handle:
+            if handle.read(8).startswith(_ARCHIVE_MAGIC):
+                raise ImageDecodeError(
+                    "nested archive (archives inside the zip are not extracted)"
+                ) from None
         raise ImageDecodeError("not an image (or not JPEG/PNG/WebP/BMP/GIF/TIFF)") from None
     except Exception as error:  # malformed headers raise many types
         raise ImageDecodeError(f"corrupt image: {error}") from None
@@ -318,13 +377,23 @@ def _extract(zip_path: Path, work: Path, settings: Settings) -> _Extraction:
     result = _Extraction()
     (work / "images").mkdir()
     (work / "thumbs").mkdir()
+    declared = _declared_entry_count(zip_path)
+    if declared is not None and declared > settings.MAX_ZIP_ENTRIES:
+        raise UploadError(
+            413, f"zip has {declared} entries; the limit is {settings.MAX_ZIP_ENTRIES}"
+        )
     try:
         archive = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError, ValueError):
-        raise UploadError(400, "the upload is not a zip archive") from None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error):
+        raise UploadError(
+            400,
+            "the upload is not a zip archive (or a truncated or corrupt one: its central "
+            "directory cannot be read)",
+        ) from None
     with archive:
         infos = [info for info in archive.infolist() if not info.is_dir()]
         _check_archive(infos, settings)
+        extracted = 0
         members: dict[str, zipfile.ZipInfo] = {}
         for info in infos:
             relative, problem = _member_path(info.filename)
@@ -334,7 +403,7 @@ def _extract(zip_path: Path, work: Path, settings: Settings) -> _Extraction:
                 continue
             elif relative in members:
                 result.skip(info.filename, "duplicate path in the zip")
-            elif (problem := _entry_problem(info, settings)) is not None:
+            elif (problem := _entry_problem(info, relative, settings)) is not None:
                 result.skip(relative, problem)
             else:
                 members[relative] = info
@@ -343,9 +412,19 @@ def _extract(zip_path: Path, work: Path, settings: Settings) -> _Extraction:
             raw = work / "images" / f"{position:06d}.tmp"
             try:
                 size, sha256 = _copy_entry(archive, members[relative], raw)
+                extracted += size
+                if extracted > settings.MAX_UNCOMPRESSED_BYTES:  # a lying header: stop now
+                    raise UploadError(
+                        413,
+                        f"zip expands to more than {settings.MAX_UNCOMPRESSED_BYTES} bytes",
+                    )
                 fmt, width, height = _inspect_image(raw, settings)
                 thumbnail = decode_image(raw, settings.THUMBNAIL_SIZE)  # (T, T, 3) uint8
-            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as error:
+            except NotImplementedError as error:
+                raw.unlink(missing_ok=True)
+                result.skip(relative, f"unsupported zip entry: {error}")
+                continue
+            except (zipfile.BadZipFile, zlib.error, EOFError, struct.error) as error:
                 raw.unlink(missing_ok=True)
                 result.skip(relative, f"corrupt zip entry: {error}")
                 continue
@@ -396,6 +475,57 @@ def _no_images_message(extraction: _Extraction) -> str:
     )
 
 
+@dataclass
+class Ingested:
+    dataset_id: str
+    created: bool  # False: the same owner had already uploaded these zip bytes
+
+
+def storage_used(session: Session, owner_id: str) -> int:
+    """Bytes of stored images (originals) of one owner."""
+    used = session.scalar(
+        select(func.coalesce(func.sum(Dataset.total_bytes), 0)).where(Dataset.owner_id == owner_id)
+    )
+    return int(used or 0)
+
+
+def check_storage_room(
+    session_factory: sessionmaker[Session], owner_id: str, settings: Settings, adding: int = 0
+) -> None:
+    """UploadError(413) when `adding` more bytes would take the owner over its storage limit."""
+    limit = settings.MAX_STORAGE_BYTES_PER_OWNER
+    if not limit:
+        return
+    with session_factory() as session:
+        _refuse_over_limit(storage_used(session, owner_id), adding, limit)
+
+
+def _refuse_over_limit(used: int, adding: int, limit: int) -> None:
+    if used + adding > limit or (adding == 0 and used >= limit):
+        raise UploadError(
+            413,
+            f"storage limit reached: this owner stores {used} bytes of images, this upload "
+            f"adds {adding}, the limit is {limit} bytes (MAX_STORAGE_BYTES_PER_OWNER)",
+        )
+
+
+def find_duplicate(
+    session_factory: sessionmaker[Session],
+    owner_id: str,
+    content_sha256: str,
+    labels_from_folders: bool,
+) -> str | None:
+    """The id of the owner's dataset made from the same zip bytes and labels flag, if any."""
+    with session_factory() as session:
+        return session.scalar(
+            select(Dataset.id).where(
+                Dataset.owner_id == owner_id,
+                Dataset.content_sha256 == content_sha256,
+                Dataset.labels_from_folders == labels_from_folders,
+            )
+        )
+
+
 def ingest_zip(
     zip_path: Path,
     work: Path,
@@ -405,11 +535,19 @@ def ingest_zip(
     settings: Settings,
     storage: Storage,
     session_factory: sessionmaker[Session],
-) -> str:
-    """Extract a received zip (inside the temp folder `work`) and record it; the dataset id.
+    owner_id: str,
+    content_sha256: str | None = None,
+) -> Ingested:
+    """Extract a received zip (inside the temp folder `work`) and record it for `owner_id`.
 
     On success `work` has been moved to datasets/<id>; on failure the caller removes `work`.
+    A zip this owner already uploaded (same `content_sha256` and labels flag) is not stored
+    twice: the existing dataset is returned with created=False.
     """
+    if content_sha256 is not None:
+        existing = find_duplicate(session_factory, owner_id, content_sha256, labels_from_folders)
+        if existing is not None:
+            return Ingested(existing, created=False)
     extraction = _extract(zip_path, work, settings)
     zip_path.unlink(missing_ok=True)
     if not extraction.accepted:
@@ -423,6 +561,7 @@ def ingest_zip(
 
     dataset_id = new_id()
     base = storage.dataset_dir(dataset_id)
+    total_bytes = sum(a.size_bytes for a in extraction.accepted)
     image_rows = [
         {
             "id": new_id(),
@@ -440,22 +579,41 @@ def ingest_zip(
         }
         for a in extraction.accepted
     ]
-    with session_factory() as session, session.begin():
-        session.add(
-            Dataset(
-                id=dataset_id,
-                name=name[:255],
-                storage_path=base,
-                image_count=len(image_rows),
-                total_bytes=sum(a.size_bytes for a in extraction.accepted),
-                has_labels=labels is not None,
-                class_names=class_names,
-                skipped=extraction.skipped[:SKIPPED_KEPT],
-                skipped_count=len(extraction.skipped),
+    try:
+        with session_factory() as session, session.begin():
+            # The owner's row lock serialises its concurrent uploads (PostgreSQL), so two of
+            # them cannot both fit under the storage limit that only one fits under.
+            session.execute(select(Owner.id).where(Owner.id == owner_id).with_for_update())
+            if settings.MAX_STORAGE_BYTES_PER_OWNER:
+                used = storage_used(session, owner_id)
+                _refuse_over_limit(used, total_bytes, settings.MAX_STORAGE_BYTES_PER_OWNER)
+            session.add(
+                Dataset(
+                    id=dataset_id,
+                    owner_id=owner_id,
+                    name=printable(name, 255),
+                    storage_path=base,
+                    image_count=len(image_rows),
+                    total_bytes=total_bytes,
+                    has_labels=labels is not None,
+                    class_names=class_names,
+                    skipped=extraction.skipped[:SKIPPED_KEPT],
+                    skipped_count=len(extraction.skipped),
+                    content_sha256=content_sha256,
+                    labels_from_folders=labels_from_folders,
+                )
             )
-        )
-        session.flush()
-        session.execute(insert(ImageRow), image_rows)  # one executemany, not row by row
+            session.flush()
+            session.execute(insert(ImageRow), image_rows)  # one executemany, not row by row
+    except IntegrityError:
+        # The same zip, uploaded twice at once: the other request stored it first.
+        if content_sha256 is not None:
+            existing = find_duplicate(
+                session_factory, owner_id, content_sha256, labels_from_folders
+            )
+            if existing is not None:
+                return Ingested(existing, created=False)
+        raise
     try:
         storage.move_into_place(work, base)
     except BaseException:
@@ -468,11 +626,12 @@ def ingest_zip(
         "dataset stored",
         extra={
             "dataset_id": dataset_id,
+            "owner_id": owner_id,
             "images": len(image_rows),
             "skipped": len(extraction.skipped),
         },
     )
-    return dataset_id
+    return Ingested(dataset_id, created=True)
 
 
 def remove_quietly(path: Path) -> None:

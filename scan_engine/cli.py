@@ -19,7 +19,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from scan_engine.config import PRESETS, ConfigError, make_config
+from scan_engine.config import PRESETS, ConfigError, default_cluster_range, make_config
 from scan_engine.data import load_collection
 from scan_engine.outputs import write_outputs
 from scan_engine.results import ProgressEvent
@@ -39,6 +39,18 @@ def parse_overcluster(text: str | None) -> float | list[int] | None:
         raise argparse.ArgumentTypeError(
             f"--overcluster takes a factor (2) or a list of counts (20,30), not {text!r}"
         ) from None
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """'5-30' or '5,30' -> (5, 30)."""
+    parts = text.replace(",", "-").split("-")
+    try:
+        low, high = (int(part) for part in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--clusters-range takes LOW-HIGH (e.g. 5-30), not {text!r}"
+        ) from None
+    return low, high
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -64,7 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
         ".zip of images, or an .npz with an `images` array",
     )
     parser.add_argument(
-        "--clusters", "-k", type=int, required=True, help="K, the number of groups you want"
+        "--clusters",
+        "-k",
+        type=int,
+        default=None,
+        help="K, the number of groups you want; leave it out to let the run choose K",
+    )
+    parser.add_argument(
+        "--clusters-range",
+        type=parse_range,
+        default=None,
+        metavar="LOW-HIGH",
+        help="K unknown: choose K in LOW..HIGH by a label-free score (report.json lists every "
+        "candidate's score); without --clusters or this, 2..min(20, images/10)",
     )
     parser.add_argument(
         "--overcluster",
@@ -194,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = _nested(args.overrides)
     overrides.update(num_clusters=args.clusters, overcluster=args.overcluster, seed=args.seed)
+    if args.clusters is not None and args.clusters_range is not None:
+        print("scan-cluster: give --clusters or --clusters-range, not both", file=sys.stderr)
+        return 2
+    if args.clusters is None:  # K chosen by the run; the default range needs the image count
+        overrides["num_clusters_range"] = args.clusters_range or (2, 2)
     if args.image_size is not None:
         overrides["image_size"] = args.image_size
     if args.budget_s is not None:
@@ -203,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = make_config(args.preset, **overrides)
         collection = load_collection(args.input, config.image_size, args.labels_from_folders)
+        if args.clusters is None and args.clusters_range is None:
+            overrides["num_clusters_range"] = default_cluster_range(len(collection))
+            config = make_config(args.preset, **overrides)
     except (ConfigError, FileNotFoundError, ValueError, zipfile.BadZipFile) as error:
         print(f"scan-cluster: {error}", file=sys.stderr)
         return 2
@@ -210,7 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
     print(
         f"{len(collection)} images loaded ({len(collection.skipped)} skipped); "
-        f"clustering into {config.cluster_counts()}",
+        + (
+            f"choosing K among {config.candidate_counts()}"
+            if config.num_clusters_range is not None
+            else f"clustering into {config.cluster_counts()}"
+        ),
         file=sys.stderr,
     )
     bar = _ProgressBar(not args.quiet)
@@ -230,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": result.report["metrics"],
         "notes": result.notes,
     }
+    if result.k_selection is not None:  # K chosen by the run: the choice and every score
+        summary["k_selection"] = {
+            "chosen": result.k_selection["chosen"],
+            "scores": {c["num_clusters"]: c["score"] for c in result.k_selection["candidates"]},
+        }
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -17,7 +17,9 @@ __all__ = [
     "PretextConfig",
     "ScanStepConfig",
     "SelfLabelConfig",
+    "KSelectionConfig",
     "ScanConfig",
+    "default_cluster_range",
     "PRESETS",
     "make_config",
 ]
@@ -73,6 +75,16 @@ class SelfLabelConfig(_Frozen):
     )
 
 
+class KSelectionConfig(_Frozen):
+    """Choosing K without labels (scan_engine.model_selection): candidate heads are SCAN-trained
+    on the mined features, which stay fixed, so they are linear heads on cached features and cheap
+    even on a CPU. Number of heads and entropy weight come from `scan`."""
+
+    steps: int = Field(500, ge=1, description="Optimiser steps of the candidate heads.")
+    batch_size: int = Field(256, ge=2)
+    lr: float = Field(1e-2, gt=0, description="Adam learning rate of the candidate heads.")
+
+
 class ScanConfig(_Frozen):
     """Everything a pipeline run needs besides the images, the work folder and the device."""
 
@@ -82,6 +94,12 @@ class ScanConfig(_Frozen):
         None,
         description="A factor (C = round(factor·K)) or an explicit list of cluster counts C.",
     )
+    num_clusters_range: tuple[int, int] | None = Field(
+        None,
+        description="K unknown: the pipeline picks K in [low, high] by a label-free score "
+        "before the SCAN step and sets num_clusters to it (default: low, until chosen).",
+    )
+    k_selection: KSelectionConfig = KSelectionConfig()
     image_size: int = Field(32, ge=8, le=512, description="Shorter side resized, centre crop.")
     backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
     backbone_width: int = Field(64, ge=8, description="Channels of the first stage (64 = stock).")
@@ -99,6 +117,26 @@ class ScanConfig(_Frozen):
     top_members: int = Field(12, ge=1, description="Members kept per cluster for the gallery.")
     eval_batch_size: int = Field(512, ge=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _num_clusters_from_range(cls, values: Any) -> Any:
+        # With only a range given, num_clusters holds its low end until the pipeline picks K.
+        if isinstance(values, dict) and values.get("num_clusters") is None:
+            span = values.get("num_clusters_range")
+            if isinstance(span, list | tuple) and span and isinstance(span[0], int):
+                values = {**values, "num_clusters": max(2, span[0])}
+        return values
+
+    @model_validator(mode="after")
+    def _check_range(self) -> ScanConfig:
+        if self.num_clusters_range is not None:
+            low, high = self.num_clusters_range
+            if not 2 <= low <= high:
+                raise ValueError("num_clusters_range must be [low, high] with 2 <= low <= high")
+            if not low <= self.num_clusters <= high:
+                raise ValueError("num_clusters must lie inside num_clusters_range")
+        return self
+
     @model_validator(mode="after")
     def _check_overcluster(self) -> ScanConfig:
         oc = self.overcluster
@@ -111,15 +149,29 @@ class ScanConfig(_Frozen):
                 raise ValueError("every cluster count in overcluster must be >= 2")
         return self
 
-    def cluster_counts(self) -> list[int]:
-        """The cluster counts C to train: K itself, plus the overclustering ones, sorted, unique."""
-        counts = {self.num_clusters}
+    def cluster_counts(self, num_clusters: int | None = None) -> list[int]:
+        """The cluster counts C to train: K itself, plus the overclustering ones, sorted, unique.
+
+        `num_clusters` replaces K (e.g. each candidate of num_clusters_range)."""
+        k = self.num_clusters if num_clusters is None else num_clusters
+        counts = {k}
         oc = self.overcluster
         if isinstance(oc, list):
             counts.update(oc)
         elif oc is not None:
-            counts.add(max(2, int(math.ceil(oc * self.num_clusters - 1e-9))))
+            counts.add(max(2, int(math.ceil(oc * k - 1e-9))))
         return sorted(counts)
+
+    def candidate_counts(self) -> list[int]:
+        """The candidates for K: every count of num_clusters_range, or just num_clusters."""
+        if self.num_clusters_range is None:
+            return [self.num_clusters]
+        low, high = self.num_clusters_range
+        return list(range(low, high + 1))
+
+    def possible_cluster_counts(self) -> list[int]:
+        """Every C a run may train, whichever candidate becomes K (for checks before a run)."""
+        return sorted({c for k in self.candidate_counts() for c in self.cluster_counts(k)})
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -135,12 +187,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "scan": {"epochs": 30, "batch_size": 512, "lr": 2e-4},
         "selflabel": {"epochs": 40, "batch_size": 1000},
     },
-    # Sized for a 2-core CPU: a narrower backbone and short stages.
+    # Sized for a 2-core CPU: a narrower backbone gets more SimCLR epochs per hour, and after the
+    # pretext the backbone stays fixed: SCAN and self-labeling train the heads on cached features
+    # (seconds instead of backbone passes), so nearly all the time goes to the pretext.
     "cpu": {
         "backbone_width": 32,
         "pretext": {"epochs": 20, "batch_size": 256, "lr": 0.6, "warmup_epochs": 1},
-        "scan": {"epochs": 10, "batch_size": 256, "lr": 2e-4, "num_heads": 5},
-        "selflabel": {"epochs": 5, "batch_size": 500},
+        "scan": {"epochs": 60, "batch_size": 256, "lr": 1e-3, "update_backbone": False},
+        "selflabel": {"epochs": 30, "batch_size": 500, "lr": 1e-3},
     },
     # For tests and smoke runs on a few hundred images: a minute on a CPU, not hours.
     "tiny": {
@@ -150,6 +204,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "selflabel": {"epochs": 5, "batch_size": 64, "lr": 1e-4},
     },
 }
+
+
+# Without a K or a range, K is chosen in [2, min(DEFAULT_MAX_CLUSTERS, N / MIN_IMAGES_PER_CLUSTER)].
+DEFAULT_MAX_CLUSTERS = 20
+MIN_IMAGES_PER_CLUSTER = 10
+
+
+def default_cluster_range(num_images: int) -> tuple[int, int]:
+    """The candidates for K when a request names neither K nor a range: 2 up to a cluster per
+    MIN_IMAGES_PER_CLUSTER images, at most DEFAULT_MAX_CLUSTERS."""
+    return 2, max(2, min(DEFAULT_MAX_CLUSTERS, num_images // MIN_IMAGES_PER_CLUSTER))
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -26,8 +26,10 @@ from scan_engine import metrics
 from scan_engine.augment import StrongAugment
 from scan_engine.config import ConfigError, ScanConfig
 from scan_engine.data import ImageCollection
+from scan_engine.model_selection import KSelection, run_k_selection
 from scan_engine.models import ClusteringModel, ResNet, build_backbone, load_backbone_weights
 from scan_engine.neighbors import extract_features, knn, purity_at
+from scan_engine.predict import prediction_state
 from scan_engine.pretext import build_contrastive_model, run_pretext
 from scan_engine.prototypes import cluster_summaries
 from scan_engine.results import ClusteringResult, PipelineResult, ProgressEvent
@@ -42,10 +44,19 @@ __all__ = ["run", "STAGES", "MODEL_FILE"]
 
 # Expected share of a run's time per stage: drives progress, ETA and the time-budget split.
 STAGE_WEIGHTS = {"pretext": 0.62, "mine": 0.03, "scan": 0.22, "selflabel": 0.11, "finalize": 0.02}
+# With the backbone fixed after the pretext, SCAN and self-labeling train heads on cached
+# features (seconds), so nearly the whole budget goes to the pretext.
+HEADS_ONLY_STAGE_WEIGHTS = {
+    "pretext": 0.9,
+    "mine": 0.03,
+    "scan": 0.03,
+    "selflabel": 0.03,
+    "finalize": 0.01,
+}
 STAGES = tuple(STAGE_WEIGHTS)
 MODEL_FILE = "model.pt"
 # Strongly augmented feature views cached for self-labeling on the frozen (pretrained) route.
-FROZEN_AUGMENTED_VIEWS = 4
+FROZEN_AUGMENTED_VIEWS = 2
 
 
 class _Checkpoints:
@@ -97,8 +108,9 @@ def _fingerprint(config: ScanConfig, collection: ImageCollection) -> str:
 class _Budget:
     """Splits a time budget over the remaining stages by their weights, as the run goes."""
 
-    def __init__(self, total_s: float | None) -> None:
+    def __init__(self, total_s: float | None, weights: dict[str, float]) -> None:
         self.total_s = total_s
+        self.weights = weights
         self.started = time.monotonic()
 
     def for_stage(self, stage: str) -> float | None:
@@ -106,14 +118,14 @@ class _Budget:
             return None
         remaining = self.total_s - (time.monotonic() - self.started)
         later = STAGES[STAGES.index(stage) :]
-        share = STAGE_WEIGHTS[stage] / sum(STAGE_WEIGHTS[s] for s in later)
+        share = self.weights[stage] / sum(self.weights[s] for s in later)
         return max(remaining * share, 1.0)
 
 
 def _check_inputs(collection: ImageCollection, config: ScanConfig) -> None:
     if len(collection) < 2:
         raise ConfigError(f"the collection has {len(collection)} usable images; at least 2 needed")
-    too_many = [c for c in config.cluster_counts() if c > len(collection)]
+    too_many = [c for c in config.possible_cluster_counts() if c > len(collection)]
     if too_many:
         raise ConfigError(f"cannot make {too_many} clusters from {len(collection)} images")
     size = collection.images.shape[-1]
@@ -172,9 +184,11 @@ def run(
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
     generator = torch.Generator().manual_seed(config.seed)
-    reporter = Reporter(STAGE_WEIGHTS, progress, should_stop, log_path=work_dir / "log.jsonl")
+    heads_only = config.backbone_weights is not None or not config.scan.update_backbone
+    weights = HEADS_ONLY_STAGE_WEIGHTS if heads_only else STAGE_WEIGHTS
+    reporter = Reporter(weights, progress, should_stop, log_path=work_dir / "log.jsonl")
     checkpoints = _Checkpoints(work_dir, _fingerprint(config, collection))
-    budget = _Budget(config.time_budget_s)
+    budget = _Budget(config.time_budget_s, weights)
     images = collection.images
     num_images = len(collection)
     counts = config.cluster_counts()
@@ -256,6 +270,26 @@ def run(
     timings["mine"] = time.monotonic() - started
     throughput["mine"] = num_images / max(timings["mine"], 1e-9)
     reporter.update("mine", 1.0, "neighbours mined", force=True)
+
+    # 2b. K unknown: score candidate heads on the mined features and fix K before the SCAN step.
+    k_selection: KSelection | None = None
+    if config.num_clusters_range is not None:
+        started = time.monotonic()
+        saved = checkpoints.load("select_k")
+        if saved is None:
+            k_selection, mined_features = run_k_selection(
+                embed, images, neighbors_t, config, runtime, reporter, cached_features
+            )
+            # The k-means baseline of the mine stage used a placeholder K: redo it for the choice.
+            kmeans = _kmeans_baseline(mined_features, collection, k_selection.chosen, config.seed)
+            saved = {"k_selection": k_selection.to_json(), "kmeans": kmeans}
+            checkpoints.save("select_k", saved, config)
+        k_selection = KSelection.from_json(saved["k_selection"])
+        config = config.model_copy(update={"num_clusters": k_selection.chosen})
+        counts = config.cluster_counts()
+        stage_metrics["k_selection"] = k_selection.to_json()
+        stage_metrics["kmeans"] = saved.get("kmeans", stage_metrics["kmeans"])
+        timings["select_k"] = time.monotonic() - started
 
     # 3. SCAN step: one backbone, `num_heads` heads for every cluster count.
     started = time.monotonic()
@@ -394,7 +428,20 @@ def run(
         )
     embedding_2d = _project_2d(final_features)
     model_path = work_dir / MODEL_FILE
-    _save_model(clustering, config, model_path, frozen)
+    _save_model(
+        clustering,
+        config,
+        model_path,
+        frozen,
+        prediction_state(
+            final_features,
+            final_logits,
+            neighbors_t,
+            heads_on_normalized_features=head_features is not None,
+            num_clusters=config.num_clusters,
+            k_selection=stage_metrics.get("k_selection"),
+        ),
+    )
     timings["finalize"] = time.monotonic() - started
     timings["total"] = time.monotonic() - run_started
     reporter.update("finalize", 1.0, "done", force=True)
@@ -404,7 +451,15 @@ def run(
     )
     (work_dir / "report.json").write_text(json.dumps(report, indent=2))
     return PipelineResult(
-        results, timings, throughput, stage_metrics, notes, report, str(model_path), embedding_2d
+        results,
+        timings,
+        throughput,
+        stage_metrics,
+        notes,
+        report,
+        str(model_path),
+        embedding_2d,
+        k_selection=stage_metrics.get("k_selection"),
     )
 
 
@@ -448,8 +503,15 @@ def _project_2d(features: torch.Tensor) -> np.ndarray:
     return projected.numpy().astype(np.float32)
 
 
-def _save_model(model: ClusteringModel, config: ScanConfig, path: Path, frozen: bool) -> None:
-    """What prediction needs: weights, the config (preprocessing, image size) and a version."""
+def _save_model(
+    model: ClusteringModel,
+    config: ScanConfig,
+    path: Path,
+    frozen: bool,
+    prediction: dict[str, Any] | None = None,
+) -> None:
+    """What prediction needs: weights, the config (preprocessing, image size) and a version;
+    `prediction` (predict.prediction_state) adds cluster geometry and sets the format version."""
     temporary = path.with_suffix(".tmp")
     torch.save(
         {
@@ -458,6 +520,7 @@ def _save_model(model: ClusteringModel, config: ScanConfig, path: Path, frozen: 
             "frozen_backbone": frozen,
             "cluster_counts": model.cluster_counts,
             "state_dict": model.state_dict(),
+            **(prediction or {}),
         },
         temporary,
     )
@@ -526,4 +589,5 @@ def _report(
             for r in results
         ],
         "notes": notes,
+        "k_selection": stage_metrics.get("k_selection"),
     }

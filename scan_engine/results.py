@@ -71,6 +71,8 @@ class PipelineResult:
     report: dict[str, Any]  # everything above plus config, as written to report.json
     model_path: str | None = None  # checkpoint that prediction needs
     embedding_2d: np.ndarray | None = None  # (N, 2) float32 map of the final features (PCA)
+    # K chosen without labels (config.num_clusters_range): {chosen, rule, candidates: [scores]}.
+    k_selection: dict[str, Any] | None = None
 
     def result_for(self, num_clusters: int) -> ClusteringResult:
         for result in self.results:

@@ -4,9 +4,12 @@ Run workers as `celery -A worker.celery_app worker -Q gpu --concurrency 1` (one 
 Why the settings: a job takes minutes to hours, so a worker takes one message at a time
 (prefetch 1) and acknowledges it only when done (acks_late); if the worker dies the message is
 requeued (reject_on_worker_lost) and the job resumes from its checkpoints. Redis redelivers an
-unacknowledged message after the visibility timeout, so that is set above the hard time limit,
-or a long job would start a second time on another worker. Nothing here touches CUDA: the
-prefork pool forks children after import, and CUDA cannot be used across a fork.
+unacknowledged message after the visibility timeout; that is set above the hard time limit, so
+normally a job is delivered once, and whatever the setting the job lease (app.leases) lets only
+one worker run a job: a second delivery of a running job exits without touching it. Each pool
+process also runs the reaper (app.reaper) at start and every REAPER_INTERVAL_S: jobs whose
+worker died are handed out again or failed, no beat scheduler needed. Nothing here touches CUDA:
+the prefork pool forks children after import, and CUDA cannot be used across a fork.
 """
 
 from __future__ import annotations
@@ -36,7 +39,16 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         backend=settings.CELERY_RESULT_BACKEND or broker,
         include=["worker.tasks"],
     )
-    transport: dict[str, Any] = {"visibility_timeout": settings.CELERY_VISIBILITY_TIMEOUT_S}
+    visibility_s = settings.CELERY_VISIBILITY_TIMEOUT_S
+    transport: dict[str, Any] = {"visibility_timeout": visibility_s}
+    broker_transport = dict(transport)
+    if visibility_s < 600:
+        # kombu sweeps for expired unacked messages only every 10 x 10 s by default; with a
+        # short visibility timeout, sweep at its own pace or the setting means little.
+        broker_transport |= {
+            "unacked_restore_interval": max(1.0, visibility_s / 2),
+            "unacked_restore_throttle": 1,
+        }
     celery.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -45,7 +57,7 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         task_time_limit=settings.JOB_HARD_TIME_LIMIT_S,
         task_routes={TASK_NAME: {"queue": settings.CELERY_QUEUE}},
         task_default_queue=settings.CELERY_QUEUE,
-        broker_transport_options=transport,
+        broker_transport_options=broker_transport,
         result_backend_transport_options=transport,
         result_expires=7 * 24 * 3600,
         task_serializer="json",
@@ -75,6 +87,28 @@ def _fresh_db_pool(**_: Any) -> None:
     from app.db.session import dispose_engines
 
     dispose_engines(close=False)
+
+
+_reaper: Any = None
+
+
+@worker_process_init.connect
+def _start_reaper(**_: Any) -> None:
+    # In the pool process (prefork child, or the solo pool's own process), never in a parent
+    # that forks later: a thread there could hold a lock at the moment of a fork.
+    global _reaper
+    from app.db.session import get_sessionmaker
+    from app.reaper import Reaper, reap_stale_jobs
+
+    settings = get_settings()
+
+    def enqueue(job_id: str) -> None:
+        app.send_task(TASK_NAME, args=[job_id], queue=settings.CELERY_QUEUE, ignore_result=True)
+
+    def run_once() -> None:
+        reap_stale_jobs(get_sessionmaker(), settings, enqueue)
+
+    _reaper = Reaper(run_once, settings.REAPER_INTERVAL_S).start()
 
 
 app = create_celery_app()

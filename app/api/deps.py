@@ -1,19 +1,21 @@
-"""Injected dependencies: settings, a DB session per request, storage and the job dispatcher."""
+"""Injected dependencies: settings, a DB session per request, the owner the request acts for,
+storage and the job dispatcher."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
 
+from app.auth import LOCAL_OWNER, AuthError, CurrentOwner, owner_for_key
 from app.core.config import Settings
 from app.db.session import get_sessionmaker
 from app.dispatch import CeleryDispatcher, EmbeddedDispatcher
 from app.storage import Storage
 
-__all__ = ["SettingsDep", "SessionDep", "StorageDep", "DispatcherDep"]
+__all__ = ["SettingsDep", "SessionDep", "StorageDep", "DispatcherDep", "OwnerDep", "api_key_of"]
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -30,6 +32,33 @@ def get_db(settings: SettingsDep) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_db)]
+
+
+def api_key_of(request: Request) -> str | None:
+    """The key from `Authorization: Bearer <key>` or else `X-API-Key: <key>`."""
+    authorization = request.headers.get("authorization", "")
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return request.headers.get("x-api-key", "").strip() or None
+
+
+def get_current_owner(request: Request, settings: SettingsDep) -> CurrentOwner:
+    """The owner of the request's API key (api_keys mode), or the local owner (single_user).
+
+    Its own short session: the lookup must not hold a connection for a long upload.
+    """
+    if settings.AUTH_MODE == "single_user":
+        return LOCAL_OWNER
+    key = api_key_of(request)
+    try:
+        with get_sessionmaker(settings.DATABASE_URL)() as session:
+            return owner_for_key(session, key)
+    except AuthError as error:
+        raise HTTPException(401, str(error), headers={"WWW-Authenticate": "Bearer"}) from None
+
+
+OwnerDep = Annotated[CurrentOwner, Depends(get_current_owner)]
 
 
 def get_storage(settings: SettingsDep) -> Storage:

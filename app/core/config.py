@@ -71,8 +71,9 @@ class Settings(BaseSettings):
     CELERY_VISIBILITY_TIMEOUT_S: int = Field(
         default=0,
         ge=0,
-        description="Redis redelivers an unacked task after this; must exceed the hard limit "
-        "(acks_late), else a long job runs twice. 0 = hard limit + 600 s.",
+        description="Redis redelivers an unacked task after this (acks_late). 0 = hard limit + "
+        "600 s, so a job is normally delivered once; a shorter one is safe (the job lease lets "
+        "only one worker run a job; a second delivery exits at once) but wastes deliveries.",
     )
     CELERY_SOFT_SHUTDOWN_TIMEOUT_S: float = Field(
         default=30.0,
@@ -84,6 +85,29 @@ class Settings(BaseSettings):
         default=5,
         ge=1,
         description="Starts of one job (worker lost, redeployed) before it is marked failed.",
+    )
+    JOB_LEASE_S: float = Field(
+        default=60.0,
+        gt=0,
+        description="A running job's lease: renewed by its worker's heartbeat; once expired "
+        "another worker may take the job over and resume it from its last checkpoint.",
+    )
+    JOB_HEARTBEAT_S: float = Field(
+        default=0.0,
+        ge=0,
+        description="Seconds between lease renewals; 0 = a quarter of JOB_LEASE_S.",
+    )
+    REAPER_INTERVAL_S: float = Field(
+        default=30.0,
+        gt=0,
+        description="Every worker looks this often for jobs whose worker died (expired lease) "
+        "and hands them out again, or fails them after JOB_MAX_ATTEMPTS.",
+    )
+    QUEUED_REDISPATCH_S: float = Field(
+        default=3600.0,
+        gt=0,
+        description="A job queued this long without a worker taking it is sent to the queue "
+        "again (its message may have been lost with a broker restart); duplicates are harmless.",
     )
     JOB_DEVICE: str = Field(
         default="", description="torch device for jobs; empty = CUDA if present."
@@ -107,11 +131,34 @@ class Settings(BaseSettings):
         gt=1,
         description="Uncompressed/compressed, whole zip -> 413; per entry -> skipped.",
     )
+    MAX_ENTRY_BYTES: int = Field(
+        default=100 * 1024**2, ge=1, description="Larger zip entries are skipped."
+    )
     MAX_IMAGE_PIXELS: int = Field(
         default=40_000_000, ge=1, description="Larger images are skipped (decompression bombs)."
     )
     MIN_IMAGE_SIDE: int = Field(default=8, ge=1, description="Smaller images are skipped.")
     THUMBNAIL_SIZE: int = Field(default=128, ge=16, le=1024, description="Square thumbnail side.")
+
+    # Tenants
+    AUTH_MODE: Literal["single_user", "api_keys", ""] = Field(
+        default="",
+        description="api_keys: every request needs `Authorization: Bearer <key>` or `X-API-Key` "
+        "(keys from `scan-admin create-key`); single_user: no keys, everything belongs to one "
+        "local owner. Empty = single_user embedded, api_keys in production (DATABASE_URL or "
+        "CELERY_BROKER_URL set).",
+    )
+    ALLOW_SINGLE_USER_IN_PRODUCTION: bool = Field(
+        default=False,
+        description="Let a production configuration run without API keys (everyone is the "
+        "same owner). Off: such a configuration refuses to start.",
+    )
+    MAX_CONCURRENT_JOBS_PER_OWNER: int = Field(
+        default=4, ge=0, description="Queued + running jobs of one owner -> 429; 0 = no limit."
+    )
+    MAX_STORAGE_BYTES_PER_OWNER: int = Field(
+        default=100 * GiB, ge=0, description="Stored image bytes of one owner -> 413; 0 = no limit."
+    )
 
     # Server and logs
     HOST: str = Field(default="127.0.0.1", description="scan-service bind address.")
@@ -141,12 +188,28 @@ class Settings(BaseSettings):
             raise ValueError("JOB_HARD_TIME_LIMIT_S must exceed JOB_SOFT_TIME_LIMIT_S")
         if not self.CELERY_VISIBILITY_TIMEOUT_S:
             self.CELERY_VISIBILITY_TIMEOUT_S = self.JOB_HARD_TIME_LIMIT_S + 600
-        if self.CELERY_VISIBILITY_TIMEOUT_S <= self.JOB_HARD_TIME_LIMIT_S:
+        if not self.JOB_HEARTBEAT_S:
+            self.JOB_HEARTBEAT_S = self.JOB_LEASE_S / 4
+        if self.JOB_HEARTBEAT_S >= self.JOB_LEASE_S:
+            raise ValueError("JOB_HEARTBEAT_S must be shorter than JOB_LEASE_S")
+        if not self.AUTH_MODE:
+            self.AUTH_MODE = "api_keys" if self.is_production else "single_user"
+        if (
+            self.AUTH_MODE == "single_user"
+            and self.is_production
+            and not self.ALLOW_SINGLE_USER_IN_PRODUCTION
+        ):
             raise ValueError(
-                "CELERY_VISIBILITY_TIMEOUT_S must exceed JOB_HARD_TIME_LIMIT_S, or Redis hands a "
-                "running job to a second worker"
+                "AUTH_MODE=single_user with DATABASE_URL or CELERY_BROKER_URL set: a production "
+                "service needs API keys (AUTH_MODE=api_keys, keys from `scan-admin create-key`); "
+                "set ALLOW_SINGLE_USER_IN_PRODUCTION=true to run it without keys anyway"
             )
         return self
+
+    @property
+    def is_production(self) -> bool:
+        """A shared database or a broker: a deployment others can reach, not a laptop."""
+        return not self.is_sqlite or bool(self.CELERY_BROKER_URL)
 
     @property
     def is_sqlite(self) -> bool:

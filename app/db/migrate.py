@@ -1,7 +1,9 @@
 """Apply Alembic migrations from code (`scan-service` start-up, tests).
 
 On PostgreSQL an advisory lock serialises concurrent upgrades (several API replicas starting
-together); SQLite needs none (one file, one embedded process).
+together); SQLite needs none (one file, one embedded process). On SQLite, foreign-key enforcement
+is off while migrating: Alembic's batch mode rebuilds a table by copying it and dropping the old
+one, and with enforcement on that drop would cascade-delete the rows of its child tables.
 """
 
 from __future__ import annotations
@@ -36,8 +38,12 @@ def upgrade_to_head(url: str | None = None, revision: str = "head") -> None:
     config = alembic_config()
     with engine.connect() as connection:
         is_postgres = connection.dialect.name == "postgresql"
+        is_sqlite = connection.dialect.name == "sqlite"
         if is_postgres:
             connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": _ADVISORY_LOCK_ID})
+            connection.commit()
+        if is_sqlite:  # a no-op inside a transaction: set between commits
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
             connection.commit()
         try:
             config.attributes["connection"] = connection
@@ -48,5 +54,9 @@ def upgrade_to_head(url: str | None = None, revision: str = "head") -> None:
                 connection.execute(
                     text("SELECT pg_advisory_unlock(:id)"), {"id": _ADVISORY_LOCK_ID}
                 )
+                connection.commit()
+            if is_sqlite:  # this pooled connection serves requests next
+                connection.rollback()
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
                 connection.commit()
     logger.info("database schema at %s", revision)

@@ -1,7 +1,10 @@
-"""Typed SQLAlchemy 2 models: datasets, images, jobs, result sets, clusters, assignments.
+"""Typed SQLAlchemy 2 models: owners and API keys, datasets, images, jobs, result sets, clusters,
+assignments.
 
-Files live under DATA_DIR and rows keep paths relative to it. `owner_id` is nullable and unused
-for now: it is where tenancy (API keys) attaches later. The schema changes only via Alembic.
+Files live under DATA_DIR and rows keep paths relative to it. Every dataset and job belongs to an
+owner (images through their dataset); in single-user mode that is the `local` owner the
+migrations create. A running job holds a lease (lease_owner, lease_expires_at) that its worker's
+heartbeat renews. The schema changes only via Alembic.
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.db.base import Base
 
 __all__ = [
+    "LOCAL_OWNER_ID",
+    "Owner",
+    "ApiKey",
     "Dataset",
     "Image",
     "Job",
@@ -58,11 +65,48 @@ class JobStatus:
     FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 
 
-class Dataset(Base):
-    __tablename__ = "datasets"
+LOCAL_OWNER_ID = "local"  # the single-user owner; its row is created by migration 0002
+
+
+class Owner(Base):
+    """A tenant: owns datasets and jobs, authenticates with one or more API keys."""
+
+    __tablename__ = "owners"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key, stored as the sha256 of the whole key; `prefix` (shown, not secret) finds it."""
+
+    __tablename__ = "api_keys"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    owner_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("owners.id", ondelete="CASCADE"), index=True)
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64))  # sha256 hex of the whole key
+    name: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+    # A repeated upload (same owner, same zip bytes, same labels flag) finds the first one.
+    __table_args__ = (
+        Index(
+            "uq_datasets_owner_content",
+            "owner_id",
+            "content_sha256",
+            "labels_from_folders",
+            unique=True,
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("owners.id"), index=True)
     name: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     storage_path: Mapped[str] = mapped_column(String(255))  # "datasets/<id>" under DATA_DIR
@@ -72,6 +116,10 @@ class Dataset(Base):
     class_names: Mapped[list[str] | None] = mapped_column(JSON)
     skipped: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)  # [{path, reason}]
     skipped_count: Mapped[int] = mapped_column(Integer, default=0)
+    content_sha256: Mapped[str | None] = mapped_column(String(64))  # of the uploaded zip
+    labels_from_folders: Mapped[bool] = mapped_column(  # as requested at upload
+        Boolean, default=False, server_default=false()
+    )
 
     images: Mapped[list[Image]] = relationship(
         back_populates="dataset", cascade="all, delete-orphan", passive_deletes=True
@@ -104,7 +152,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    owner_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("owners.id"), index=True)
     dataset_id: Mapped[str] = mapped_column(
         ForeignKey("datasets.id", ondelete="CASCADE"), index=True
     )
@@ -123,6 +171,11 @@ class Job(Base):
     eta_s: Mapped[float | None] = mapped_column(Float)
     message: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The lease: exactly one worker runs a job. Taken by an atomic conditional UPDATE, renewed
+    # by the worker's heartbeat; after lease_expires_at another worker may take the job over.
+    lease_owner: Mapped[str | None] = mapped_column(String(128))  # "<host>:<pid>:<token>"
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Outcome.
     timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -49,14 +49,27 @@ def dataset(client: TestClient, shapes_zip: Path) -> dict[str, Any]:
 
 @pytest.fixture
 def make_job(data_dir: Path) -> Any:
-    """Insert a job row directly (not dispatched): for states a real run would pass through."""
-    from app.db.models import Job
+    """Insert a job row directly (not dispatched): for states a real run would pass through.
+
+    A "running" job holds a live lease of a worker elsewhere unless the fields say otherwise
+    (lease_expires_at in the past: its worker died).
+    """
+    from datetime import UTC, datetime, timedelta
+
+    from app.db.models import LOCAL_OWNER_ID, Job
     from app.db.session import session_scope
     from scan_engine.config import make_config
 
     def make(dataset_id: str, status: str = "queued", num_clusters: int = 3, **fields: Any) -> str:
         config = make_config("tiny", num_clusters=num_clusters)
-        values: dict[str, Any] = {
+        lease: dict[str, Any] = {}
+        if status == "running":
+            lease = {
+                "lease_owner": "elsewhere:1:test",
+                "lease_expires_at": datetime.now(UTC) + timedelta(hours=1),
+            }
+        values: dict[str, Any] = lease | {
+            "owner_id": LOCAL_OWNER_ID,
             "dataset_id": dataset_id,
             "status": status,
             "num_clusters": num_clusters,

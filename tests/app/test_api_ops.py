@@ -86,6 +86,7 @@ def test_unreachable_database_is_503_with_retry_after(
         MIGRATE_ON_START="false",
     )
     with TestClient(create_app()) as client:
+        client.headers["X-API-Key"] = "scan_0123456789ab_looked-up-in-the-missing-database"
         for path in ("/api/v1/datasets", "/api/v1/jobs/abc", "/readyz"):
             response = client.get(path)
             assert response.status_code == 503, path
@@ -139,7 +140,7 @@ def test_scan_service_starts_embedded_with_no_settings(tmp_path: Path) -> None:
     assert any(line["message"] == "starting scan-service" for line in lines)
 
 
-def test_unreachable_broker_is_503_and_the_job_is_marked_failed(
+def test_unreachable_broker_is_503_and_no_job_is_left(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from app.main import create_app
@@ -149,7 +150,11 @@ def test_unreachable_broker_is_503_and_the_job_is_marked_failed(
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     use_settings(
-        monkeypatch, DATA_DIR=str(tmp_path), CELERY_BROKER_URL=f"redis://127.0.0.1:{port}/0"
+        monkeypatch,
+        DATA_DIR=str(tmp_path),
+        CELERY_BROKER_URL=f"redis://127.0.0.1:{port}/0",
+        AUTH_MODE="single_user",
+        ALLOW_SINGLE_USER_IN_PRODUCTION="true",
     )
     with TestClient(create_app()) as client:
         ready = client.get("/readyz")
@@ -162,8 +167,8 @@ def test_unreachable_broker_is_503_and_the_job_is_marked_failed(
         )
         assert time.monotonic() - started < 10
         assert response.status_code == 503 and response.headers["retry-after"] == "5"
-        job = client.get("/api/v1/jobs").json()["items"][0]
-        assert job["status"] == "failed" and "could not reach the job queue" in job["error"]
+        assert "job queue is unavailable" in response.json()["detail"]
+        assert client.get("/api/v1/jobs").json()["total"] == 0  # the row was removed again
 
 
 def test_stale_upload_folders_are_removed_at_start(

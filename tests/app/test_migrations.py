@@ -10,7 +10,16 @@ from sqlalchemy import create_engine, inspect
 
 from tests.service_support import postgres_database
 
-TABLES = {"datasets", "images", "jobs", "result_sets", "clusters", "assignments"}
+TABLES = {
+    "owners",
+    "api_keys",
+    "datasets",
+    "images",
+    "jobs",
+    "result_sets",
+    "clusters",
+    "assignments",
+}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -83,3 +92,54 @@ def test_alembic_cli_uses_the_app_settings(tmp_path: Path) -> None:
     )
     assert _tables(url) == TABLES | {"alembic_version"}
     assert _differences(url) == []
+
+
+def test_upgrade_to_0002_keeps_rows_and_gives_them_the_local_owner(database_url: str) -> None:
+    """Existing data survives the owners/leases migration (SQLite rebuilds the tables)."""
+    from sqlalchemy import text
+
+    from app.db.migrate import upgrade_to_head
+    from app.db.session import dispose_engines, get_engine
+
+    upgrade_to_head(database_url, revision="0001")
+    engine = get_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO datasets (id, name, created_at, storage_path, image_count, "
+                "total_bytes, has_labels, skipped, skipped_count) VALUES "
+                "('d1', 'old', '2026-01-01', 'datasets/d1', 1, 10, false, '[]', 0)"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO images (id, dataset_id, position, original_path, stored_path, "
+                "thumbnail_path, media_type, size_bytes, sha256, width, height) VALUES "
+                "('i1', 'd1', 0, 'a.png', 'x', 'y', 'image/png', 10, 'h', 8, 8)"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO jobs (id, dataset_id, status, cancel_requested, num_clusters, "
+                "cluster_counts, preset, overrides, config, progress, attempts, timings, notes, "
+                "created_at, updated_at) VALUES ('j1', 'd1', 'succeeded', false, 2, '[2]', "
+                "'tiny', '{}', '{}', 1.0, 1, '{}', '[]', '2026-01-01', '2026-01-01')"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO result_sets (id, job_id, num_clusters, head, stage) "
+                "VALUES (1, 'j1', 2, 0, 'scan')"
+            )
+        )
+    upgrade_to_head(database_url)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT owner_id FROM datasets")).scalar() == "local"
+        assert connection.execute(text("SELECT owner_id FROM jobs")).scalar() == "local"
+        assert connection.execute(text("SELECT count(*) FROM images")).scalar() == 1
+        assert connection.execute(text("SELECT count(*) FROM result_sets")).scalar() == 1
+        assert connection.execute(text("SELECT name FROM owners")).scalar() == "local"
+        if connection.dialect.name == "sqlite":  # enforcement is back on for requests
+            assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    assert _differences(database_url) == []
+    dispose_engines()

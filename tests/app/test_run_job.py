@@ -47,7 +47,7 @@ def test_cancel_before_start_cancels(dataset: dict[str, Any], make_job: Any) -> 
 def test_gives_up_after_max_attempts(dataset: dict[str, Any], make_job: Any) -> None:
     from app.jobs import run_job
 
-    job_id = make_job(dataset["id"], status="running", attempts=5)
+    job_id = make_job(dataset["id"], status="running", attempts=5, lease_expires_at=None)
     assert run_job(job_id) == "failed"
     assert "gave up after 5 attempts" in _row(job_id).error
 
@@ -121,7 +121,9 @@ def test_job_left_running_by_a_dead_worker_runs_again(
 ) -> None:
     from app.jobs import run_job
 
-    job_id = make_job(dataset["id"], status="running", attempts=1, overrides={"seed": -1.5})
+    job_id = make_job(
+        dataset["id"], status="running", attempts=1, overrides={"seed": -1.5}, lease_expires_at=None
+    )
     assert run_job(job_id) == "failed"  # it was claimed again and got as far as the config
     row = _row(job_id)
     assert row.attempts == 2 and row.error.startswith("ConfigError: seed")

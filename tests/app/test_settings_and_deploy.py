@@ -25,6 +25,8 @@ def test_defaults_are_embedded_sqlite_under_data(
     resolved = (settings.DATA_DIR, settings.DATABASE_URL)
     assert resolved == (data_dir, f"sqlite:///{data_dir / 'scan.db'}")
     assert settings.JOB_RUNNER == "embedded" and settings.DEFAULT_PRESET == "cpu"
+    assert settings.AUTH_MODE == "single_user"  # a laptop: one implicit owner, no keys
+    assert settings.JOB_HEARTBEAT_S == settings.JOB_LEASE_S / 4
     assert get_settings() is settings  # cached
 
 
@@ -43,6 +45,25 @@ def test_production_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.CELERY_RESULT_BACKEND == "redis://redis:6379/0"
     assert settings.JOB_HARD_TIME_LIMIT_S == 400
     assert settings.CELERY_VISIBILITY_TIMEOUT_S == 1000  # above the hard limit
+    assert settings.AUTH_MODE == "api_keys"  # production: keys unless explicitly waived
+
+
+def test_short_visibility_timeout_and_waived_keys_are_allowed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A visibility timeout under the job length is safe with leases (a redelivery exits)."""
+    from app.core.config import get_settings
+
+    use_settings(
+        monkeypatch,
+        CELERY_BROKER_URL="redis://redis:6379/0",
+        CELERY_VISIBILITY_TIMEOUT_S="5",
+        AUTH_MODE="single_user",
+        ALLOW_SINGLE_USER_IN_PRODUCTION="true",
+    )
+    settings = get_settings()
+    assert settings.CELERY_VISIBILITY_TIMEOUT_S == 5 < settings.JOB_HARD_TIME_LIMIT_S
+    assert settings.AUTH_MODE == "single_user"
 
 
 @pytest.mark.parametrize(
@@ -50,14 +71,12 @@ def test_production_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         ({"JOB_RUNNER": "celery"}, "needs CELERY_BROKER_URL"),
         ({"JOB_SOFT_TIME_LIMIT_S": "100", "JOB_HARD_TIME_LIMIT_S": "50"}, "must exceed"),
+        ({"JOB_LEASE_S": "10", "JOB_HEARTBEAT_S": "10"}, "shorter than JOB_LEASE_S"),
         (
-            {
-                "JOB_HARD_TIME_LIMIT_S": "1000",
-                "JOB_SOFT_TIME_LIMIT_S": "10",
-                "CELERY_VISIBILITY_TIMEOUT_S": "500",
-            },
-            "second worker",
+            {"DATABASE_URL": "postgresql://db/scan", "AUTH_MODE": "single_user"},
+            "ALLOW_SINGLE_USER_IN_PRODUCTION",
         ),
+        ({"CELERY_BROKER_URL": "redis://r:6379/0", "AUTH_MODE": "single_user"}, "API keys"),
         ({"JOB_RUNNER": "threads"}, "JOB_RUNNER"),
     ],
 )

@@ -123,8 +123,13 @@ def test_stop_flag_stops_and_the_rerun_resumes(finished_run, collection, tmp_pat
 
     seen: list[str] = []
     with pytest.raises(StopRequested):
-        pipeline.run(collection, config, work, progress=lambda e: seen.append(e.stage),
-                     should_stop=lambda: stop_in_scan(seen))
+        pipeline.run(
+            collection,
+            config,
+            work,
+            progress=lambda e: seen.append(e.stage),
+            should_stop=lambda: stop_in_scan(seen),
+        )
     assert (work / "mine.pt").is_file() and not (work / "scan.pt").exists()
     log = work / "log.jsonl"
     lines = log.read_text().splitlines() if log.exists() else []
@@ -136,10 +141,21 @@ def test_pretrained_backbone_route(finished_run, collection, tmp_path) -> None:
     _, work_dir, _, _ = finished_run
     saved = torch.load(work_dir / "pretext.pt", weights_only=False)["payload"]["model"]
     weights = tmp_path / "backbone.pt"
-    torch.save({f"module.encoder_q.{k[len('backbone.'):]}": v for k, v in saved.items()
-                if k.startswith("backbone.")}, weights)
-    config = make_config("tiny", num_clusters=CLASSES, backbone_weights=str(weights),
-                         scan={"epochs": 40}, selflabel={"epochs": 10})
+    torch.save(
+        {
+            f"module.encoder_q.{k[len('backbone.') :]}": v
+            for k, v in saved.items()
+            if k.startswith("backbone.")
+        },
+        weights,
+    )
+    config = make_config(
+        "tiny",
+        num_clusters=CLASSES,
+        backbone_weights=str(weights),
+        scan={"epochs": 40},
+        selflabel={"epochs": 10},
+    )
     result = pipeline.run(collection, config, tmp_path / "work")
     assert "pretext" not in result.throughput
     final = result.result_for(CLASSES).metrics
@@ -157,13 +173,31 @@ def test_command_line_writes_every_output(shapes_folder: Path, tmp_path: Path) -
     from scan_engine.cli import main
 
     out = tmp_path / "out"
-    code = main([str(shapes_folder), "--clusters", str(CLASSES), "--overcluster", "2",
-                 "--preset", "tiny", "--out", str(out), "--labels-from-folders", "--quiet",
-                 "--set", "pretext.epochs=2", "--set", "scan.epochs=2",
-                 "--set", "selflabel.epochs=1"])
+    code = main(
+        [
+            str(shapes_folder),
+            "--clusters",
+            str(CLASSES),
+            "--overcluster",
+            "2",
+            "--preset",
+            "tiny",
+            "--out",
+            str(out),
+            "--labels-from-folders",
+            "--quiet",
+            "--set",
+            "pretext.epochs=2",
+            "--set",
+            "scan.epochs=2",
+            "--set",
+            "selflabel.epochs=1",
+        ]
+    )
     assert code == 0
-    images = sorted(p.relative_to(shapes_folder).as_posix()
-                    for p in shapes_folder.rglob("*") if p.is_file())
+    images = sorted(
+        p.relative_to(shapes_folder).as_posix() for p in shapes_folder.rglob("*") if p.is_file()
+    )
     for name, count in (("assignments.csv", CLASSES), ("assignments_c8.csv", 8)):
         with (out / name).open() as f:
             rows = list(csv.DictReader(f))

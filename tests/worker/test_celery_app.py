@@ -62,15 +62,28 @@ def test_import_initialises_no_cuda_and_loads_no_routes() -> None:
 
 
 def test_task_runs_the_job_function_idempotently(pg_settings: str) -> None:
-    from app.db.models import Dataset, Job
+    from app.db.models import LOCAL_OWNER_ID, Dataset, Job
     from app.db.session import session_scope
     from worker.tasks import run_scan_job
 
     with session_scope() as session:
         session.add(
-            Dataset(id="d1", name="d", storage_path="datasets/d1", image_count=0, total_bytes=0)
+            Dataset(
+                id="d1",
+                owner_id=LOCAL_OWNER_ID,
+                name="d",
+                storage_path="datasets/d1",
+                image_count=0,
+                total_bytes=0,
+            )
         )
-        common = {"dataset_id": "d1", "num_clusters": 2, "preset": "tiny", "config": {}}
+        common = {
+            "owner_id": LOCAL_OWNER_ID,
+            "dataset_id": "d1",
+            "num_clusters": 2,
+            "preset": "tiny",
+            "config": {},
+        }
         session.add(Job(id="done", status="succeeded", **common))
         session.add(Job(id="stop", status="queued", cancel_requested=True, **common))
     # apply() runs the task body in this process, through Celery's task machinery.

@@ -10,13 +10,21 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
 
-from app.api.deps import SessionDep, SettingsDep, StorageDep
+from app.api.deps import OwnerDep, SessionDep, SettingsDep, StorageDep
 from app.api.images import image_response
+from app.api.owned import get_owned_dataset, valid_id
 from app.db.models import Dataset
 from app.db.models import Image as ImageRow
 from app.db.session import get_sessionmaker
 from app.schemas import DatasetPublic, DatasetsPublic, ImagePublic, ImagesPublic, Message
-from app.uploads import UploadError, ingest_zip, parse_bool, receive_multipart, remove_quietly
+from app.uploads import (
+    UploadError,
+    check_storage_room,
+    ingest_zip,
+    parse_bool,
+    printable,
+    receive_multipart,
+)
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 logger = logging.getLogger(__name__)
@@ -45,15 +53,8 @@ _UPLOAD_BODY = {
     }
 }
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": Message} for code in (400, 404, 413, 415, 422)
+    code: {"model": Message} for code in (400, 401, 404, 413, 415, 422, 503)
 }
-
-
-def _get_dataset(session: SessionDep, dataset_id: str) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None:
-        raise HTTPException(404, f"dataset {dataset_id} not found")
-    return dataset
 
 
 @router.post(
@@ -61,74 +62,92 @@ def _get_dataset(session: SessionDep, dataset_id: str) -> Dataset:
     status_code=201,
     response_model=DatasetPublic,
     openapi_extra=_UPLOAD_BODY,
-    responses=_ERRORS,
+    responses={**_ERRORS, 200: {"model": DatasetPublic, "description": "Already uploaded."}},
     summary="Upload a zip of images",
 )
 async def upload_dataset(
-    request: Request, settings: SettingsDep, storage: StorageDep
+    request: Request,
+    response: Response,
+    settings: SettingsDep,
+    storage: StorageDep,
+    owner: OwnerDep,
 ) -> DatasetPublic:
     """Stream the zip to disk, extract the usable images, record them; report what was skipped.
 
     The body is parsed by hand (not UploadFile) so the size limit applies while receiving.
+    The same zip uploaded again by the same owner (same bytes, same labels flag) is not stored
+    twice: 200 with the dataset made the first time (201 when a new dataset was made).
     """
-    work = storage.make_temp_dir("upload")
-    try:
-        received = await receive_multipart(
-            request.headers.get("content-type"),
-            request.headers.get("content-length"),
-            request.stream(),
-            work / "upload.zip",
-            settings.MAX_UPLOAD_BYTES,
-        )
-        labels = parse_bool(received.fields.get("labels_from_folders"), "labels_from_folders")
-        name = received.fields.get("name", "").strip()
-        if not name and received.filename:
-            name = PurePosixPath(received.filename.replace("\\", "/")).stem
-        dataset_id = await run_in_threadpool(
-            ingest_zip,
-            received.zip_path,
-            work,
-            name=name or "dataset",
-            labels_from_folders=labels,
-            settings=settings,
-            storage=storage,
-            session_factory=get_sessionmaker(settings.DATABASE_URL),
-        )
+    factory = get_sessionmaker(settings.DATABASE_URL)
+    try:  # an owner whose storage is full is refused before the body is read
+        await run_in_threadpool(check_storage_room, factory, owner.id, settings)
+        with storage.locked_temp_dir("upload") as work:  # removed after, whatever happens
+            received = await receive_multipart(
+                request.headers.get("content-type"),
+                request.headers.get("content-length"),
+                request.stream(),
+                work / "upload.zip",
+                settings.MAX_UPLOAD_BYTES,
+            )
+            labels = parse_bool(received.fields.get("labels_from_folders"), "labels_from_folders")
+            name = received.fields.get("name", "").strip()
+            if not name and received.filename:
+                name = PurePosixPath(received.filename.replace("\\", "/")).stem
+            ingested = await run_in_threadpool(
+                ingest_zip,
+                received.zip_path,
+                work,
+                name=printable(name, 255).strip() or "dataset",
+                labels_from_folders=labels,
+                settings=settings,
+                storage=storage,
+                session_factory=factory,
+                owner_id=owner.id,
+                content_sha256=received.sha256,
+            )
     except UploadError as error:
         logger.info("upload refused: %s", error.message)
         raise HTTPException(error.status_code, error.message) from None
-    finally:
-        remove_quietly(work)  # gone already when the upload succeeded
-    with get_sessionmaker(settings.DATABASE_URL)() as session:
-        return DatasetPublic.model_validate(_get_dataset(session, dataset_id))
+    if not ingested.created:
+        response.status_code = 200
+    response.headers["Location"] = f"/api/v1/datasets/{ingested.dataset_id}"
+    with factory() as session:
+        return DatasetPublic.model_validate(get_owned_dataset(session, owner, ingested.dataset_id))
 
 
-@router.get("", response_model=DatasetsPublic)
+@router.get("", response_model=DatasetsPublic, responses={401: {"model": Message}})
 def list_datasets(
     session: SessionDep,
+    owner: OwnerDep,
     offset: int = Query(0, ge=0),
     limit: int = Query(100, ge=1, le=1000),
 ) -> DatasetsPublic:
-    total = session.scalar(select(func.count()).select_from(Dataset)) or 0
+    mine = Dataset.owner_id == owner.id
+    total = session.scalar(select(func.count()).select_from(Dataset).where(mine)) or 0
     rows = session.scalars(
-        select(Dataset).order_by(Dataset.created_at.desc(), Dataset.id).offset(offset).limit(limit)
+        select(Dataset)
+        .where(mine)
+        .order_by(Dataset.created_at.desc(), Dataset.id)
+        .offset(offset)
+        .limit(limit)
     )
     return DatasetsPublic(items=[DatasetPublic.model_validate(d) for d in rows], total=total)
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic, responses=_ERRORS)
-def get_dataset(session: SessionDep, dataset_id: str) -> DatasetPublic:
-    return DatasetPublic.model_validate(_get_dataset(session, dataset_id))
+def get_dataset(session: SessionDep, owner: OwnerDep, dataset_id: str) -> DatasetPublic:
+    return DatasetPublic.model_validate(get_owned_dataset(session, owner, dataset_id))
 
 
 @router.get("/{dataset_id}/images", response_model=ImagesPublic, responses=_ERRORS)
 def list_images(
     session: SessionDep,
+    owner: OwnerDep,
     dataset_id: str,
     offset: int = Query(0, ge=0),
     limit: int = Query(100, ge=1, le=1000),
 ) -> ImagesPublic:
-    dataset = _get_dataset(session, dataset_id)
+    dataset = get_owned_dataset(session, owner, dataset_id)
     rows = session.scalars(
         select(ImageRow)
         .where(ImageRow.dataset_id == dataset_id)
@@ -163,12 +182,14 @@ def list_images(
 def get_image(
     session: SessionDep,
     storage: StorageDep,
+    owner: OwnerDep,
     dataset_id: str,
     image_id: str,
     thumbnail: bool = Query(False, description="The JPEG thumbnail made at upload."),
 ) -> Response:
     """The original image file as uploaded, or its square thumbnail."""
-    row = session.get(ImageRow, image_id)
+    get_owned_dataset(session, owner, dataset_id)
+    row = session.get(ImageRow, image_id) if valid_id(image_id) else None
     if row is None or row.dataset_id != dataset_id:
         raise HTTPException(404, f"image {image_id} not found in dataset {dataset_id}")
     return image_response(row, storage, thumbnail=thumbnail)

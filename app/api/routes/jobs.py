@@ -10,12 +10,14 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from app.api.deps import DispatcherDep, SessionDep, SettingsDep, StorageDep
+from app.api.deps import DispatcherDep, OwnerDep, SessionDep, SettingsDep, StorageDep
 from app.api.images import image_response
-from app.db.models import Assignment, Cluster, Dataset, Job, JobStatus, ResultSet, utcnow
+from app.api.owned import get_owned_dataset, get_owned_job, valid_id
+from app.auth import CurrentOwner
+from app.db.models import Assignment, Cluster, Job, JobStatus, Owner, ResultSet, utcnow
 from app.db.models import Image as ImageRow
 from app.db.session import get_sessionmaker
 from app.dispatch import DispatchError
@@ -31,20 +33,26 @@ from app.schemas import (
     ResultSetPublic,
 )
 from app.storage import Storage
-from scan_engine.config import ConfigError, make_config
+from scan_engine.config import ConfigError, default_cluster_range, make_config
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 logger = logging.getLogger(__name__)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": Message} for code in (404, 409, 422, 503)
+    code: {"model": Message} for code in (401, 404, 409, 422, 429, 503)
 }
 # Set through JobCreate's own fields; in overrides they would clash inside make_config.
-_RESERVED_OVERRIDES = ("num_clusters", "overcluster", "preset")
+_RESERVED_OVERRIDES = ("num_clusters", "overcluster", "preset", "num_clusters_range")
 
 
 # ---------------------------------------------------------------------------------------------
 # Views
+
+
+def _job_k(job: Job) -> int | None:
+    """K as asked; for a job that chooses K (num_clusters_range), None until it has succeeded."""
+    choosing = (job.config or {}).get("num_clusters_range") is not None
+    return None if choosing and job.status != JobStatus.SUCCEEDED else job.num_clusters
 
 
 def jobs_public(session: Session, jobs: list[Job]) -> list[JobPublic]:
@@ -78,7 +86,9 @@ def jobs_public(session: Session, jobs: list[Job]) -> list[JobPublic]:
             progress=job.progress,
             eta_s=job.eta_s,
             message=job.message,
-            num_clusters=job.num_clusters,
+            num_clusters=_job_k(job),
+            num_clusters_range=(job.config or {}).get("num_clusters_range"),
+            k_selection=(job.metrics or {}).get("k_selection"),
             overcluster=job.overcluster,
             cluster_counts=job.cluster_counts,
             preset=job.preset,
@@ -100,15 +110,11 @@ def jobs_public(session: Session, jobs: list[Job]) -> list[JobPublic]:
     ]
 
 
-def _get_job(session: Session, job_id: str) -> Job:
-    job = session.get(Job, job_id)
-    if job is None:
-        raise HTTPException(404, f"job {job_id} not found")
-    return job
-
-
-def _result_set(session: Session, job_id: str, num_clusters: int | None) -> ResultSet:
-    job = _get_job(session, job_id)
+def _result_set(
+    session: Session, job_id: str, num_clusters: int | None, owner: CurrentOwner
+) -> ResultSet:
+    """The result set of the owner's succeeded job for C = `num_clusters` (default K)."""
+    job = get_owned_job(session, owner, job_id)
     if job.status != JobStatus.SUCCEEDED:
         raise HTTPException(409, f"job {job_id} is {job.status}; results exist once it succeeds")
     wanted = num_clusters if num_clusters is not None else job.num_clusters
@@ -152,24 +158,35 @@ def create_job(
     settings: SettingsDep,
     storage: StorageDep,
     dispatcher: DispatcherDep,
+    owner: OwnerDep,
     response: Response,
 ) -> JobPublic:
-    """Validate the request against the dataset, commit the job row, then enqueue it."""
-    dataset = session.get(Dataset, body.dataset_id)
-    if dataset is None:
-        raise HTTPException(404, f"dataset {body.dataset_id} not found")
+    """Validate the request against the dataset, commit the job row, then enqueue it.
+
+    The owner's dataset only (404 otherwise); at most MAX_CONCURRENT_JOBS_PER_OWNER queued or
+    running jobs per owner (429). When the queue cannot take the job the row is deleted again
+    and the answer is 503 with Retry-After: nothing is left behind for a retry to trip over.
+    """
+    dataset = get_owned_dataset(session, owner, body.dataset_id)
     clashing = [key for key in _RESERVED_OVERRIDES if key in body.overrides]
     if clashing:
         raise HTTPException(422, f"set {', '.join(clashing)} with its own field, not in overrides")
     overrides = _resolve_weights(body.overrides, storage)
+    # K unknown (a range, or neither K nor a range): the worker passes the range on to the
+    # pipeline through the stored overrides, and the job's K is the chosen one once it succeeds.
+    span = body.num_clusters_range
+    if body.num_clusters is None and span is None:
+        span = default_cluster_range(dataset.image_count)
+    if span is not None:
+        overrides = {**overrides, "num_clusters_range": list(span)}
     preset = body.preset or settings.DEFAULT_PRESET
     try:
         config = make_config(
             preset, num_clusters=body.num_clusters, overcluster=body.overcluster, **overrides
         )
-    except ConfigError as error:
+    except (ConfigError, TypeError, ValueError) as error:
         raise HTTPException(422, str(error)) from None
-    counts = config.cluster_counts()
+    counts = config.possible_cluster_counts()
     too_many = [c for c in counts if c > dataset.image_count]
     if too_many:
         raise HTTPException(
@@ -177,10 +194,29 @@ def create_job(
             f"cluster counts {too_many} exceed the {dataset.image_count} images of dataset "
             f"{dataset.id}",
         )
+    limit = settings.MAX_CONCURRENT_JOBS_PER_OWNER
+    if limit:
+        # The owner's row lock serialises its concurrent requests (PostgreSQL): two of them
+        # cannot both take the last free place.
+        session.execute(select(Owner.id).where(Owner.id == owner.id).with_for_update())
+        active = session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.owner_id == owner.id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+        )
+        if (active or 0) >= limit:
+            session.rollback()
+            raise HTTPException(
+                429,
+                f"this owner already has {active} queued or running jobs; the limit is {limit} "
+                "(MAX_CONCURRENT_JOBS_PER_OWNER). Wait for one to finish or cancel one.",
+                headers={"Retry-After": "60"},
+            )
     job = Job(
+        owner_id=owner.id,
         dataset_id=dataset.id,
         status=JobStatus.QUEUED,
-        num_clusters=body.num_clusters,
+        num_clusters=config.num_clusters,
         overcluster=body.overcluster,
         cluster_counts=counts,
         preset=preset,
@@ -192,15 +228,19 @@ def create_job(
     try:
         dispatcher.enqueue(job.id)
     except DispatchError as error:
-        job.status, job.finished_at = JobStatus.FAILED, utcnow()
-        job.error = str(error)
-        session.commit()
         logger.error("could not enqueue job", extra={"job_id": job.id, "error": str(error)})
-        raise HTTPException(
-            503,
-            "the job queue is unavailable; try again later",
-            headers={"Retry-After": str(settings.DB_RETRY_AFTER_S)},
-        ) from None
+        # Conditional: had the message gone out after all and a worker started the job, the
+        # job stands (and the reaper would re-send it were it lost).
+        removed = session.execute(  # type: ignore[attr-defined]
+            delete(Job).where(Job.id == job.id, Job.status == JobStatus.QUEUED)
+        ).rowcount
+        session.commit()
+        if removed:
+            raise HTTPException(
+                503,
+                "the job queue is unavailable, so the job was not created; try again later",
+                headers={"Retry-After": str(settings.DB_RETRY_AFTER_S)},
+            ) from None
     logger.info("job queued", extra={"job_id": job.id, "dataset_id": dataset.id})
     response.headers["Location"] = f"/api/v1/jobs/{job.id}"
     session.refresh(job)
@@ -210,16 +250,17 @@ def create_job(
 @router.get("", response_model=JobsPublic)
 def list_jobs(
     session: SessionDep,
+    owner: OwnerDep,
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
     dataset_id: str | None = None,
     offset: int = Query(0, ge=0),
     limit: int = Query(100, ge=1, le=1000),
 ) -> JobsPublic:
-    query = select(Job)
+    query = select(Job).where(Job.owner_id == owner.id)
     if status is not None:
         query = query.where(Job.status == status)
     if dataset_id is not None:
-        query = query.where(Job.dataset_id == dataset_id)
+        query = query.where(Job.dataset_id == (dataset_id if valid_id(dataset_id) else ""))
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     jobs = list(
         session.scalars(query.order_by(Job.created_at.desc(), Job.id).offset(offset).limit(limit))
@@ -228,8 +269,8 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS)
-def get_job(session: SessionDep, job_id: str) -> JobPublic:
-    return jobs_public(session, [_get_job(session, job_id)])[0]
+def get_job(session: SessionDep, owner: OwnerDep, job_id: str) -> JobPublic:
+    return jobs_public(session, [get_owned_job(session, owner, job_id)])[0]
 
 
 @router.post(
@@ -237,10 +278,10 @@ def get_job(session: SessionDep, job_id: str) -> JobPublic:
     response_model=JobPublic,
     responses={**_ERRORS, 202: {"model": JobPublic, "description": "Running: stops soon."}},
 )
-def cancel_job(session: SessionDep, job_id: str, response: Response) -> JobPublic:
+def cancel_job(session: SessionDep, owner: OwnerDep, job_id: str, response: Response) -> JobPublic:
     """Queued -> cancelled now (200). Running -> stops at its next step (202). Repeating is
     harmless; a job that already succeeded or failed -> 409."""
-    job = _get_job(session, job_id)
+    job = get_owned_job(session, owner, job_id)
     now = utcnow()
     # Conditional updates: the worker may move the job between our read and our write.
     cancelled_now = session.execute(  # type: ignore[attr-defined]
@@ -304,6 +345,7 @@ def _csv_rows(url: str, result_set_id: int) -> Iterator[str]:
 def get_assignments(
     session: SessionDep,
     settings: SettingsDep,
+    owner: OwnerDep,
     job_id: str,
     num_clusters: int | None = Query(None, description="C of the result set; default K."),
     offset: int = Query(0, ge=0),
@@ -314,7 +356,7 @@ def get_assignments(
 ) -> Any:
     """Every image exactly once with its cluster and confidence: JSON pages, or the whole CSV
     (`format=csv` or `Accept: text/csv`)."""
-    result_set = _result_set(session, job_id, num_clusters)
+    result_set = _result_set(session, job_id, num_clusters, owner)
     wants_csv = output_format == "csv" or (
         output_format is None and accept is not None and "text/csv" in accept
     )
@@ -354,11 +396,12 @@ def get_assignments(
 @router.get("/{job_id}/clusters", response_model=ClustersPublic, responses=_ERRORS)
 def get_clusters(
     session: SessionDep,
+    owner: OwnerDep,
     job_id: str,
     num_clusters: int | None = Query(None, description="C of the result set; default K."),
 ) -> ClustersPublic:
     """Per cluster: size, mean confidence, prototype image id and the top members' ids."""
-    result_set = _result_set(session, job_id, num_clusters)
+    result_set = _result_set(session, job_id, num_clusters, owner)
     clusters = session.scalars(
         select(Cluster).where(Cluster.result_set_id == result_set.id).order_by(Cluster.index)
     )
@@ -389,13 +432,14 @@ def get_clusters(
 def get_prototype(
     session: SessionDep,
     storage: StorageDep,
+    owner: OwnerDep,
     job_id: str,
     cluster_index: int,
     num_clusters: int | None = Query(None, description="C of the result set; default K."),
     thumbnail: bool = Query(False),
 ) -> Response:
     """The prototype image of a cluster (PNG or JPEG bytes)."""
-    result_set = _result_set(session, job_id, num_clusters)
+    result_set = _result_set(session, job_id, num_clusters, owner)
     cluster = session.scalar(
         select(Cluster).where(
             Cluster.result_set_id == result_set.id, Cluster.index == cluster_index

@@ -1,0 +1,308 @@
+"""Put new images into the clusters of a finished run, without retraining.
+
+The pipeline's finalize stage writes `model.pt` (format MODEL_FORMAT_VERSION) into the work folder:
+the resolved config (image size, backbone), the backbone with the chosen head for every C, how the
+heads read the features, the preprocessing, the K selection, and per C the cluster centroids and
+radii in feature space (outlier rule) and the neighbour co-assignment matrix (merging).
+
+Prediction: each image is decoded like the training images (shorter side to image_size, centre
+crop), normalised with the training mean and std, and run through the backbone: f, the
+L2-normalised feature (D,), and p = softmax(head(f)) (C,). cluster = argmax p, confidence = max p.
+
+Outlier rule: for every non-empty training cluster j, mu_j is the normalised mean feature of its
+members and r_j the OUTLIER_QUANTILE (99th percentile) of its members' cosine distances
+1 - <f, mu_j> (a cluster with fewer than MIN_MEMBERS_FOR_OWN_RADIUS members takes the same
+percentile over all training images instead). A new image is an outlier when it lies outside every
+cluster's radius: 1 - <f, mu_j> > r_j for all j. About 1 % of images like the training ones fall
+outside their own cluster's radius, and fewer outside all of them. `distance` is the cosine
+distance to the nearest centroid. A low confidence with a small distance means "between two
+clusters", not "unlike anything seen".
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scan_engine.augment import CIFAR10_MEAN, CIFAR10_STD
+from scan_engine.config import ScanConfig
+from scan_engine.data import ImageCollection
+from scan_engine.model_selection import merge_groups, merge_probabilities, neighbor_coassignment
+from scan_engine.models import ClusteringModel, build_backbone
+from scan_engine.neighbors import extract_features
+from scan_engine.runtime import resolve_runtime
+from scan_engine.scan import infer
+
+__all__ = [
+    "MODEL_FORMAT_VERSION",
+    "MODEL_FILE",
+    "OUTLIER_QUANTILE",
+    "MIN_MEMBERS_FOR_OWN_RADIUS",
+    "ModelFormatError",
+    "Prediction",
+    "Predictor",
+    "cluster_geometry",
+    "prediction_state",
+    "find_model_file",
+    "load_model",
+]
+
+logger = logging.getLogger(__name__)
+
+# 1: weights + config. 2: + head input, preprocessing, cluster geometry, co-assignment, K choice.
+MODEL_FORMAT_VERSION = 2
+MODEL_FILE = "model.pt"
+OUTLIER_QUANTILE = 0.99
+MIN_MEMBERS_FOR_OWN_RADIUS = 20
+RESIZE_RULE = "shorter side resized to image_size, centre crop (scan_engine.data.decode_image)"
+
+
+class ModelFormatError(ValueError):
+    """A model file that is missing, unreadable, or of a format this code cannot use."""
+
+
+def cluster_geometry(
+    features: torch.Tensor, assignments: torch.Tensor, num_clusters: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centroids (C, D) unit rows, radius (C,)) of a clustering, as the outlier rule uses them.
+
+    features: (N, D) L2-normalised; assignments: (N,) int64. An empty cluster gets a zero
+    centroid and radius -1, so that no image ever lies inside it.
+    """
+    features = features.float()
+    dim = features.shape[1]
+    sums = torch.zeros(num_clusters, dim).index_add_(0, assignments, features)  # (C, D)
+    centroids = F.normalize(sums, dim=1)  # zero rows stay zero
+    own = 1.0 - (features * centroids[assignments]).sum(1)  # (N,) distance to own centroid
+    overall = float(torch.quantile(own, OUTLIER_QUANTILE)) if own.numel() else 0.0
+    radius = torch.full((num_clusters,), -1.0)
+    for cluster in range(num_clusters):
+        members = own[assignments == cluster]
+        if members.numel() >= MIN_MEMBERS_FOR_OWN_RADIUS:
+            radius[cluster] = float(torch.quantile(members, OUTLIER_QUANTILE))
+        elif members.numel() > 0:
+            radius[cluster] = overall
+    return centroids, radius
+
+
+def prediction_state(
+    features: torch.Tensor,
+    logits: dict[int, torch.Tensor],
+    neighbors: torch.Tensor,
+    *,
+    heads_on_normalized_features: bool,
+    num_clusters: int,
+    k_selection: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What model.pt keeps besides weights and config, computed on the training images.
+
+    features: (N, D) L2-normalised final features; logits: {C: (1, N, C)} of the kept heads;
+    neighbors: (N, K) mined indices.
+    """
+    clusters: dict[int, dict[str, Any]] = {}
+    for c, head_logits in logits.items():
+        probabilities = F.softmax(head_logits[0].float(), dim=1)  # (N, C)
+        assignments = probabilities.argmax(1)
+        centroids, radius = cluster_geometry(features, assignments, c)
+        clusters[int(c)] = {
+            "centroids": centroids,
+            "radius": radius,
+            "sizes": torch.bincount(assignments, minlength=c),
+            "coassignment": torch.from_numpy(neighbor_coassignment(probabilities, neighbors)),
+        }
+    return {
+        "format_version": MODEL_FORMAT_VERSION,
+        "head_input": "normalized" if heads_on_normalized_features else "raw",
+        "preprocessing": {"resize": RESIZE_RULE, "mean": CIFAR10_MEAN, "std": CIFAR10_STD},
+        "num_clusters": int(num_clusters),
+        "k_selection": k_selection,
+        "outlier_rule": {
+            "quantile": OUTLIER_QUANTILE,
+            "min_members_for_own_radius": MIN_MEMBERS_FOR_OWN_RADIUS,
+        },
+        "clusters": clusters,
+    }
+
+
+@dataclass
+class Prediction:
+    """Cluster, confidence and outlier flag for each of N new images, for one cluster count."""
+
+    num_clusters: int  # clusters predicted into (k after a merge)
+    assignments: np.ndarray  # (N,) int64
+    confidence: np.ndarray  # (N,) float32 max probability
+    probabilities: np.ndarray  # (N, num_clusters) float32
+    distance: np.ndarray | None  # (N,) float32 cosine distance to the nearest centroid
+    outlier: np.ndarray | None  # (N,) bool; None when the model file has no cluster geometry
+    merged_from: int | None = None  # C of the head, when its clusters were merged
+    groups: list[int] | None = None  # merged cluster of each of the C clusters
+
+
+def find_model_file(path: str | Path) -> Path:
+    """model.pt itself, or the one in a work folder or in a `scan-cluster --out` folder."""
+    path = Path(path)
+    for candidate in (path, path / MODEL_FILE, path / "work" / MODEL_FILE):
+        if candidate.is_file():
+            return candidate
+    raise ModelFormatError(
+        f"no model at {path}: give a {MODEL_FILE}, a work folder or a scan-cluster output folder"
+    )
+
+
+class Predictor:
+    """A finished run's model, ready to assign new images (see load_model)."""
+
+    def __init__(self, saved: dict[str, Any], path: Path, device: str | None = None) -> None:
+        version = saved.get("format_version")
+        if version not in (1, MODEL_FORMAT_VERSION):
+            raise ModelFormatError(
+                f"{path} has model format {version!r}; this version reads 1..{MODEL_FORMAT_VERSION}"
+            )
+        self.path = path
+        self.format_version = int(version)
+        self.config = ScanConfig.model_validate(saved["config"])
+        self.cluster_counts = [int(c) for c in saved["cluster_counts"]]
+        self.num_clusters = int(saved.get("num_clusters", self.config.num_clusters))
+        self.k_selection: dict[str, Any] | None = saved.get("k_selection")
+        self.clusters: dict[int, dict[str, torch.Tensor]] = saved.get("clusters", {})
+        preprocessing = saved.get("preprocessing")
+        if preprocessing is not None and (
+            tuple(preprocessing["mean"]) != CIFAR10_MEAN
+            or tuple(preprocessing["std"]) != CIFAR10_STD
+        ):
+            raise ModelFormatError(f"{path} was trained with another normalisation")
+        # Format 1 did not record it: the heads read normalised features on the frozen routes.
+        frozen = bool(saved.get("frozen_backbone"))
+        default_input = "normalized" if frozen or not self.config.scan.update_backbone else "raw"
+        self.head_input = saved.get("head_input", default_input)
+        backbone = build_backbone(
+            self.config.backbone, self.config.backbone_width, self.config.image_size
+        )
+        model = ClusteringModel(backbone, backbone.feature_dim, self.cluster_counts, num_heads=1)
+        try:
+            model.load_state_dict(saved["state_dict"])
+        except RuntimeError as error:
+            raise ModelFormatError(f"{path}: weights do not fit the config: {error}") from None
+        self.runtime = resolve_runtime(device)
+        self.model: ClusteringModel = self.runtime.prepare(model)  # type: ignore[assignment]
+        self.model.eval()
+        # infer() flips train/eval: one prediction at a time per model (the API shares it).
+        self._lock = threading.Lock()
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    def describe(self) -> dict[str, Any]:
+        """What a person needs to know about the model, as JSON."""
+        return {
+            "path": str(self.path),
+            "format_version": self.format_version,
+            "image_size": self.image_size,
+            "backbone": self.config.backbone,
+            "cluster_counts": self.cluster_counts,
+            "num_clusters": self.num_clusters,
+            "k_selection": self.k_selection,
+            "outlier_rule": (
+                f"outside every cluster's radius (the {OUTLIER_QUANTILE:.0%} quantile of its "
+                "training members' cosine distance to its centroid)"
+                if self.clusters
+                else None
+            ),
+        }
+
+    def _check_count(self, num_clusters: int | None) -> int:
+        c = self.num_clusters if num_clusters is None else int(num_clusters)
+        if c not in self.cluster_counts:
+            raise ValueError(f"the model has no head for C={c}; available: {self.cluster_counts}")
+        return c
+
+    def merge_groups(self, num_clusters: int, k: int) -> np.ndarray:
+        """(C,) merged cluster in [0, k) of each of the C clusters (see model_selection)."""
+        c = self._check_count(num_clusters)
+        if c not in self.clusters:
+            raise ValueError("this model file predates merging (format 1); rerun the job")
+        return merge_groups(self.clusters[c]["coassignment"].numpy(), k)
+
+    def features_and_logits(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """images: (N, 3, S, S) uint8 -> (features (N, D) unit rows, logits {C: (N, C)}), CPU."""
+        batch_size = self.config.eval_batch_size
+        with self._lock:
+            features = None
+            if self.head_input == "normalized":
+                features = extract_features(
+                    self.model.backbone,
+                    images,
+                    batch_size,
+                    self.runtime.device,
+                    self.runtime.amp_dtype,
+                )
+            features, logits = infer(self.model, images, self.runtime, batch_size, features)
+            self.model.eval()
+        return features, {c: out[0] for c, out in logits.items()}
+
+    def predict(
+        self,
+        images: ImageCollection | torch.Tensor,
+        num_clusters: int | None = None,
+        merge_to: int | None = None,
+    ) -> Prediction:
+        """Assign (N, 3, S, S) uint8 images (or a collection) to the clusters of C = num_clusters
+        (default: the run's K), merged down to `merge_to` clusters when given."""
+        tensor = images.images if isinstance(images, ImageCollection) else images
+        if tensor.ndim != 4 or tensor.shape[1] != 3 or tensor.dtype != torch.uint8:
+            raise ValueError(f"images must be (N, 3, S, S) uint8, got {tuple(tensor.shape)}")
+        if tensor.shape[-1] != self.image_size or tensor.shape[-2] != self.image_size:
+            raise ValueError(f"images are {tensor.shape[-1]} px; the model takes {self.image_size}")
+        c = self._check_count(num_clusters)
+        groups = None
+        if merge_to is not None and merge_to != c:
+            groups = self.merge_groups(c, merge_to)
+        features, logits = self.features_and_logits(tensor)
+        probabilities = F.softmax(logits[c].float(), dim=1)  # (N, C)
+        distance = outlier = None
+        if c in self.clusters:
+            geometry = self.clusters[c]
+            distances = 1.0 - features.float() @ geometry["centroids"].float().T  # (N, C)
+            outside = distances > geometry["radius"].float()  # (N, C); empty clusters: always
+            distance = distances.min(1).values.numpy().astype(np.float32)
+            outlier = outside.all(1).numpy()
+        if groups is not None:
+            probabilities = merge_probabilities(probabilities, groups)  # (N, k)
+        confidence, assignments = probabilities.max(1)
+        return Prediction(
+            num_clusters=int(probabilities.shape[1]),
+            assignments=assignments.numpy().astype(np.int64),
+            confidence=confidence.numpy().astype(np.float32),
+            probabilities=probabilities.numpy().astype(np.float32),
+            distance=distance,
+            outlier=outlier,
+            merged_from=c if groups is not None else None,
+            groups=None if groups is None else [int(g) for g in groups],
+        )
+
+
+def load_model(path: str | Path, device: str | None = None) -> Predictor:
+    """Load model.pt (or the one in a work / scan-cluster output folder) for prediction.
+
+    Raises ModelFormatError when there is no model there or it cannot be read.
+    """
+    file = find_model_file(path)
+    try:
+        saved = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated or foreign files raise many types
+        raise ModelFormatError(f"cannot read the model {file}: {error}") from None
+    if not isinstance(saved, dict) or "state_dict" not in saved or "config" not in saved:
+        raise ModelFormatError(f"{file} is not a model written by the pipeline")
+    predictor = Predictor(saved, file, device)
+    logger.info("model loaded from %s (format %d)", file, predictor.format_version)
+    return predictor
