@@ -119,7 +119,10 @@ class _Budget:
         remaining = self.total_s - (time.monotonic() - self.started)
         later = STAGES[STAGES.index(stage) :]
         share = self.weights[stage] / sum(self.weights[s] for s in later)
-        return max(remaining * share, 1.0)
+        # A stage keeps at least half its nominal share even when an earlier one overran, so a
+        # slow pretext cannot starve the (cheap) clustering stages down to a few steps.
+        floor = 0.5 * self.total_s * self.weights[stage] / sum(self.weights.values())
+        return max(remaining * share, floor, 1.0)
 
 
 def _check_inputs(collection: ImageCollection, config: ScanConfig) -> None:
