@@ -17,11 +17,10 @@ from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 
 from app.api.deps import OwnerDep, SessionDep, StorageDep
-from app.api.routes.jobs import _result_set
+from app.api.routes.jobs import _result_set, assignment_page
 from app.db.models import Assignment
-from app.db.models import Image as ImageRow
 from app.maps import load_embedding
-from app.schemas import AssignmentPublic, AssignmentsPublic, Message
+from app.schemas import AssignmentsPublic, Message
 
 __all__ = ["router"]
 
@@ -64,27 +63,8 @@ def get_cluster_members(
     result_set = _result_set(session, job_id, num_clusters, owner)
     if not 0 <= cluster_index < result_set.num_clusters:
         raise HTTPException(404, f"cluster {cluster_index} not found (C={result_set.num_clusters})")
-    where = (Assignment.result_set_id == result_set.id, Assignment.cluster == cluster_index)
-    total = session.scalar(select(func.count()).select_from(Assignment).where(*where)) or 0
-    rows = session.execute(
-        select(
-            Assignment.image_id, ImageRow.original_path, Assignment.cluster, Assignment.confidence
-        )
-        .join(ImageRow, ImageRow.id == Assignment.image_id)
-        .where(*where)
-        .order_by(Assignment.confidence.desc(), Assignment.position)
-        .offset(offset)
-        .limit(limit)
-    ).all()
-    return AssignmentsPublic(
-        job_id=job_id,
-        num_clusters=result_set.num_clusters,
-        total=total,
-        offset=offset,
-        limit=limit,
-        items=[
-            AssignmentPublic(image_id=i, filename=f, cluster=c, confidence=p) for i, f, c, p in rows
-        ],
+    return assignment_page(
+        session, job_id, result_set, cluster_index, offset, limit, most_confident_first=True
     )
 
 

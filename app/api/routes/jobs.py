@@ -367,9 +367,28 @@ def get_assignments(
             media_type="text/csv; charset=utf-8",
             headers={"Content-Disposition": f'attachment; filename="{filename}"'},
         )
+    return assignment_page(session, job_id, result_set, cluster, offset, limit)
+
+
+def assignment_page(
+    session: Session,
+    job_id: str,
+    result_set: ResultSet,
+    cluster: int | None,
+    offset: int,
+    limit: int,
+    most_confident_first: bool = False,
+) -> AssignmentsPublic:
+    """One page of a result set's assignments (optionally one cluster's), in image order or
+    most confident first (ties in image order)."""
     where = [Assignment.result_set_id == result_set.id]
     if cluster is not None:
         where.append(Assignment.cluster == cluster)
+    order = (
+        (Assignment.confidence.desc(), Assignment.position)
+        if most_confident_first
+        else (Assignment.position,)
+    )
     total = session.scalar(select(func.count()).select_from(Assignment).where(*where)) or 0
     rows = session.execute(
         select(
@@ -377,7 +396,7 @@ def get_assignments(
         )
         .join(ImageRow, ImageRow.id == Assignment.image_id)
         .where(*where)
-        .order_by(Assignment.position)
+        .order_by(*order)
         .offset(offset)
         .limit(limit)
     ).all()
