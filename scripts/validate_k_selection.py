@@ -28,23 +28,13 @@ from typing import Any
 import torch
 
 from scan_engine import pipeline
-from scan_engine.cli import parse_override, parse_range
+from scan_engine.cli import _nested, parse_override, parse_range
 from scan_engine.config import PRESETS, make_config
 from scan_engine.data import ImageCollection, from_arrays, load_npz
 from scan_engine.results import ProgressEvent, StopRequested
 from scan_engine.sample_data import make_shapes_arrays
 
 logger = logging.getLogger("validate_k_selection")
-
-
-def _nested(overrides: list[tuple[list[str], Any]]) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for path, value in overrides:
-        node = nested
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return nested
 
 
 def _stop_after_selection() -> tuple[Any, Any]:
