@@ -183,3 +183,16 @@ class ClustersPublic(BaseModel):
 
 class Message(BaseModel):
     detail: str
+
+
+class MapPublic(BaseModel):
+    """Parallel arrays (one entry per sampled point), compact for tens of thousands of points."""
+
+    job_id: str
+    num_clusters: int
+    total: int = Field(description="Images in the job; the map holds a sample of at most `limit`.")
+    x: list[float]
+    y: list[float]
+    cluster: list[int]
+    confidence: list[float]
+    image_id: list[str]

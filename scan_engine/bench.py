@@ -12,6 +12,7 @@ per-stage wall time and images/s, peak RSS, the machine and the resolved config.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import resource
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from scan_engine import pipeline
-from scan_engine.cli import _nested, parse_override
+from scan_engine.cli import nest_overrides, parse_override
 from scan_engine.config import PRESETS, ScanConfig, make_config
 from scan_engine.data import from_arrays, load_npz
 from scan_engine.models import ClusteringModel
@@ -51,7 +52,7 @@ def _synthetic_images(count: int, size: int, seed: int = 0) -> torch.Tensor:
 
 def bench_stage(stage: str, config: ScanConfig, steps: int, device: str) -> dict[str, Any]:
     """Steady-state images/s of one training stage (first step excluded), on random images."""
-    runtime = resolve_runtime(device)
+    runtime = resolve_runtime(device, config.precision)
     generator = torch.Generator().manual_seed(config.seed)
     reporter = Reporter(pipeline.STAGE_WEIGHTS)
     if stage == "pretext":
@@ -136,11 +137,17 @@ def bench_memory(data: Path | None, count: int, size: int) -> dict[str, Any]:
     }
 
 
-def run_full(data: Path, limit: int | None, config: ScanConfig, device: str) -> dict[str, Any]:
+def run_full(
+    data: Path, limit: int | None, config: ScanConfig, device: str, work_dir: Path | None = None
+) -> dict[str, Any]:
+    """One pipeline run; with `work_dir` its checkpoints stay, so that a rerun with other SCAN or
+    self-label settings reuses the pretext (and times only what it trains)."""
     collection = load_npz(data, limit=limit, seed=config.seed, image_size=config.image_size)
-    with tempfile.TemporaryDirectory(prefix="scan-bench-") as work_dir:
+    with contextlib.ExitStack() as stack:
+        if work_dir is None:
+            work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="scan-bench-")))
         started = time.monotonic()
-        result = pipeline.run(collection, config, Path(work_dir), device=device)
+        result = pipeline.run(collection, config, work_dir, device=device)
         wall = time.monotonic() - started
     report = result.report
     return {
@@ -176,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-n", type=int, default=50_000)
     parser.add_argument("--device", default="auto")
     parser.add_argument(
+        "--work-dir", type=Path, default=None, help="keep a full run's checkpoints here (resume)"
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -188,19 +198,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from scan_engine.cli import parse_overcluster
 
-    overrides = _nested(args.overrides)
+    overrides = nest_overrides(args.overrides)
     overrides.update(num_clusters=args.clusters, overcluster=parse_overcluster(args.overcluster))
     if args.budget_s is not None:
         overrides["time_budget_s"] = args.budget_s
     config = make_config(args.preset, **overrides)
-    runtime = resolve_runtime(args.device)
+    runtime = resolve_runtime(args.device, config.precision)
     base = {"stage": args.stage, "machine": pipeline.machine_info(runtime)}
     runs: list[dict[str, Any]] = []
     for _ in range(args.repeat):
         if args.stage == "all":
             if args.data is None:
                 parser.error("--data is needed for a full run")
-            runs.append(run_full(args.data, args.limit, config, args.device))
+            runs.append(run_full(args.data, args.limit, config, args.device, args.work_dir))
         elif args.stage == "knn":
             runs.append(bench_knn(args.knn_n, args.knn_dim, 20))
         elif args.stage == "memory":

@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _nested(overrides: list[tuple[list[str], Any]]) -> dict[str, Any]:
+def nest_overrides(overrides: list[tuple[list[str], Any]]) -> dict[str, Any]:
+    """[(["scan", "epochs"], 5), ...] from --set options -> {"scan": {"epochs": 5}, ...}."""
     nested: dict[str, Any] = {}
     for path, value in overrides:
         node = nested
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from scan_engine import pipeline  # torch import after argument errors are reported
 
-    overrides = _nested(args.overrides)
+    overrides = nest_overrides(args.overrides)
     overrides.update(num_clusters=args.clusters, overcluster=args.overcluster, seed=args.seed)
     if args.clusters is not None and args.clusters_range is not None:
         print("scan-cluster: give --clusters or --clusters-range, not both", file=sys.stderr)

@@ -152,11 +152,19 @@ class ClusteringModel(nn.Module):
     """
 
     def __init__(
-        self, backbone: nn.Module, feature_dim: int, cluster_counts: Sequence[int], num_heads: int
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        cluster_counts: Sequence[int],
+        num_heads: int,
+        head_input_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.feature_dim = feature_dim
+        # Unit-norm features bound a linear head's logits by its weight norm, which grows slowly;
+        # a fixed scale (a softmax temperature) lets the heads become confident in a short run.
+        self.head_input_scale = head_input_scale
         self.cluster_counts = list(cluster_counts)
         self.heads = nn.ModuleDict(
             {
@@ -166,6 +174,8 @@ class ClusteringModel(nn.Module):
         )
 
     def forward_heads(self, features: torch.Tensor) -> dict[int, torch.Tensor]:
+        if self.head_input_scale != 1.0:
+            features = features * self.head_input_scale
         return {
             int(c): torch.stack([head(features) for head in heads])
             for c, heads in self.heads.items()

@@ -60,14 +60,19 @@ FROZEN_AUGMENTED_VIEWS = 2
 
 
 class _Checkpoints:
-    """Stage checkpoints in the work folder, valid only for the same config and collection."""
+    """Stage checkpoints in the work folder, each valid only for the same collection and the
+    settings that stage depends on: a rerun with other SCAN settings keeps the pretext."""
 
-    def __init__(self, work_dir: Path, fingerprint: str) -> None:
+    def __init__(self, work_dir: Path, config: ScanConfig, collection: ImageCollection) -> None:
         self.work_dir = work_dir
-        self.fingerprint = fingerprint
+        self.config = config
+        self.collection = collection
 
     def path(self, stage: str) -> Path:
         return self.work_dir / f"{stage}.pt"
+
+    def fingerprint(self, stage: str) -> str:
+        return _fingerprint(_stage_settings(stage, self.config), self.collection)
 
     def load(self, stage: str) -> dict[str, Any] | None:
         path = self.path(stage)
@@ -78,7 +83,7 @@ class _Checkpoints:
         except Exception as error:  # a torn or foreign file: recompute the stage
             logger.warning("ignoring unreadable checkpoint %s: %s", path, error)
             return None
-        if saved.get("fingerprint") != self.fingerprint:
+        if saved.get("fingerprint") != self.fingerprint(stage):
             logger.warning("ignoring checkpoint %s from another config or collection", path)
             return None
         logger.info("resuming: stage %s loaded from %s", stage, path)
@@ -89,16 +94,48 @@ class _Checkpoints:
         path = self.path(stage)
         temporary = path.with_suffix(".tmp")
         torch.save(
-            {"fingerprint": self.fingerprint, "config": config.to_json_dict(), "payload": payload},
+            {
+                "fingerprint": self.fingerprint(stage),
+                "config": config.to_json_dict(),
+                "payload": payload,
+            },
             temporary,
         )
         os.replace(temporary, path)
 
 
-def _fingerprint(config: ScanConfig, collection: ImageCollection) -> str:
-    # The time budget changes how long stages run, not what a finished stage means.
+# What the pretext's result depends on; the later stages depend on everything but the settings
+# below, which change how long or how fast stages run or what is shown, not what they hold.
+_PRETEXT_SETTINGS = (
+    "image_size",
+    "backbone",
+    "backbone_width",
+    "backbone_weights",
+    "pretext",
+    "seed",
+)
+_RUN_ONLY_SETTINGS = ("preset", "time_budget_s", "compile", "prototype_members", "top_members")
+
+
+def _stage_settings(stage: str, config: ScanConfig) -> dict[str, Any]:
     settings = config.to_json_dict()
-    settings.pop("time_budget_s", None)
+    if stage == "pretext":
+        return {key: settings[key] for key in _PRETEXT_SETTINGS}
+    if stage == "mine":
+        pretext = {key: settings[key] for key in _PRETEXT_SETTINGS}
+        # The k-means baseline kept with the mined neighbours is computed for num_clusters.
+        return {
+            **pretext,
+            "num_neighbors": settings["scan"]["num_neighbors"],
+            "num_clusters": settings["num_clusters"],
+        }
+    later = {k: v for k, v in settings.items() if k not in _RUN_ONLY_SETTINGS}
+    if stage != "selflabel":
+        later.pop("selflabel")
+    return later
+
+
+def _fingerprint(settings: dict[str, Any], collection: ImageCollection) -> str:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     digest.update(str(tuple(collection.images.shape)).encode())
     digest.update("\n".join(collection.ids).encode())
@@ -183,14 +220,14 @@ def run(
     _check_inputs(collection, config)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    runtime = resolve_runtime(device)
+    runtime = resolve_runtime(device, config.precision)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
     generator = torch.Generator().manual_seed(config.seed)
     heads_only = config.backbone_weights is not None or not config.scan.update_backbone
     weights = HEADS_ONLY_STAGE_WEIGHTS if heads_only else STAGE_WEIGHTS
     reporter = Reporter(weights, progress, should_stop, log_path=work_dir / "log.jsonl")
-    checkpoints = _Checkpoints(work_dir, _fingerprint(config, collection))
+    checkpoints = _Checkpoints(work_dir, config, collection)
     budget = _Budget(config.time_budget_s, weights)
     images = collection.images
     num_images = len(collection)
@@ -296,11 +333,16 @@ def run(
 
     # 3. SCAN step: one backbone, `num_heads` heads for every cluster count.
     started = time.monotonic()
+    heads_on_cached = frozen or not config.scan.update_backbone
+    head_features = cached_features if heads_on_cached else None
     clustering = ClusteringModel(
-        copy.deepcopy(backbone), backbone.feature_dim, counts, config.scan.num_heads
+        copy.deepcopy(backbone),
+        backbone.feature_dim,
+        counts,
+        config.scan.num_heads,
+        head_input_scale=config.scan.feature_scale if heads_on_cached else 1.0,
     )
     clustering.backbone.requires_grad_(config.scan.update_backbone and not frozen)
-    head_features = cached_features if (frozen or not config.scan.update_backbone) else None
     if head_features is None and not config.scan.update_backbone:
         head_features = extract_features(
             clustering.backbone, images, config.eval_batch_size, runtime.device, runtime.amp_dtype
@@ -441,6 +483,7 @@ def run(
             final_logits,
             neighbors_t,
             heads_on_normalized_features=head_features is not None,
+            head_input_scale=clustering.head_input_scale,
             num_clusters=config.num_clusters,
             k_selection=stage_metrics.get("k_selection"),
         ),

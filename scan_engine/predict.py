@@ -99,6 +99,7 @@ def prediction_state(
     *,
     heads_on_normalized_features: bool,
     num_clusters: int,
+    head_input_scale: float = 1.0,
     k_selection: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What model.pt keeps besides weights and config, computed on the training images.
@@ -120,6 +121,7 @@ def prediction_state(
     return {
         "format_version": MODEL_FORMAT_VERSION,
         "head_input": "normalized" if heads_on_normalized_features else "raw",
+        "head_input_scale": float(head_input_scale),
         "preprocessing": {"resize": RESIZE_RULE, "mean": CIFAR10_MEAN, "std": CIFAR10_STD},
         "num_clusters": int(num_clusters),
         "k_selection": k_selection,
@@ -185,12 +187,19 @@ class Predictor:
         backbone = build_backbone(
             self.config.backbone, self.config.backbone_width, self.config.image_size
         )
-        model = ClusteringModel(backbone, backbone.feature_dim, self.cluster_counts, num_heads=1)
+        # Files written before the scale existed had unscaled heads.
+        model = ClusteringModel(
+            backbone,
+            backbone.feature_dim,
+            self.cluster_counts,
+            num_heads=1,
+            head_input_scale=float(saved.get("head_input_scale", 1.0)),
+        )
         try:
             model.load_state_dict(saved["state_dict"])
         except RuntimeError as error:
             raise ModelFormatError(f"{path}: weights do not fit the config: {error}") from None
-        self.runtime = resolve_runtime(device)
+        self.runtime = resolve_runtime(device, self.config.precision)
         self.model: ClusteringModel = self.runtime.prepare(model)  # type: ignore[assignment]
         self.model.eval()
         # infer() flips train/eval: one prediction at a time per model (the API shares it).

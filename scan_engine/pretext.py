@@ -61,6 +61,8 @@ def run_pretext(
     plan = StepPlan(settings.epochs, max(1, num_images // batch_size), budget_s)
     model = runtime.prepare(model)
     model.train()
+    # Full batches only (epoch_batches), so one compiled graph serves every step.
+    forward = torch.compile(model) if config.compile else model
     augment = SimCLRAugment(config.image_size, crop_scale_min=settings.crop_scale_min)
     criterion = NTXentLoss(settings.temperature)
     optimizer = torch.optim.SGD(
@@ -83,7 +85,7 @@ def run_pretext(
         view1 = augment(batch, generator=augment_generator)  # (B, 3, S, S) float
         view2 = augment(batch, generator=augment_generator)
         with runtime.autocast():
-            projections = model(torch.cat([view1, view2]))  # (2B, D), one pass for both views
+            projections = forward(torch.cat([view1, view2]))  # (2B, D), one pass for both views
         z1, z2 = projections.chunk(2)
         loss = criterion(z1, z2)
         optimizer_step(optimizer, scaler, loss)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from scan_engine import pipeline
-from scan_engine.cli import _nested, parse_override, parse_range
+from scan_engine.cli import nest_overrides, parse_override, parse_range
 from scan_engine.config import PRESETS, make_config
 from scan_engine.data import ImageCollection, from_arrays, load_npz
 from scan_engine.results import ProgressEvent, StopRequested
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 jobs.append((from_arrays(images, labels, names, image_size=32), classes, seed))
     cases = []
     for collection, classes, seed in jobs:
-        overrides = _nested(args.overrides)
+        overrides = nest_overrides(args.overrides)
         if args.steps_per_pretext:
             preset = make_config(args.preset)
             per_epoch = max(1, len(collection) // preset.pretext.batch_size)

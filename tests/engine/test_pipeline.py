@@ -15,6 +15,7 @@ from PIL import Image
 from scan_engine import pipeline
 from scan_engine.config import ConfigError, make_config
 from scan_engine.data import load_folder
+from scan_engine.predict import load_model
 from scan_engine.results import StopRequested
 from scan_engine.sample_data import make_shapes_collection
 
@@ -160,6 +161,26 @@ def test_pretrained_backbone_route(finished_run, collection, tmp_path) -> None:
     assert "pretext" not in result.throughput
     final = result.result_for(CLASSES).metrics
     assert max(final["scan"]["acc"], (final.get("selflabel") or {"acc": 0})["acc"]) >= 0.8
+    # The heads read scaled unit-norm features; the saved model applies the same scale.
+    predictor = load_model(result.model_path)
+    assert predictor.model.head_input_scale == config.scan.feature_scale != 1.0
+    predicted = predictor.predict(collection.images)
+    assert np.mean(predicted.assignments == result.result_for(CLASSES).assignments) >= 0.99
+
+
+def test_other_scan_settings_reuse_the_pretext(finished_run, collection, tmp_path) -> None:
+    config, work_dir, _, _ = finished_run
+    work = tmp_path / "work"
+    shutil.copytree(work_dir, work)
+    lines_before = len((work / "log.jsonl").read_text().splitlines())
+    changed = config.model_copy(
+        update={"scan": config.scan.model_copy(update={"epochs": config.scan.epochs + 2})}
+    )
+    pipeline.run(collection, changed, work)
+    new_lines = (work / "log.jsonl").read_text().splitlines()[lines_before:]
+    stages = {json.loads(line)["stage"] for line in new_lines}
+    assert "pretext" not in stages
+    assert {"scan", "selflabel"} <= stages
 
 
 def test_impossible_requests_are_config_errors(collection, tmp_path) -> None:

@@ -13,14 +13,13 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query
-from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 
 from app.api.deps import OwnerDep, SessionDep, StorageDep
-from app.api.routes.jobs import _result_set, assignment_page
+from app.api.routes.jobs import assignment_page, owned_result_set
 from app.db.models import Assignment
 from app.maps import load_embedding
-from app.schemas import AssignmentsPublic, Message
+from app.schemas import AssignmentsPublic, MapPublic, Message
 
 __all__ = ["router"]
 
@@ -30,19 +29,6 @@ logger = logging.getLogger(__name__)
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Message} for code in (404, 409)}
 # Bound parameters of one IN list stay far below SQLite's limit (32,766); a denser map adds nothing.
 MAP_MAX_POINTS = 20_000
-
-
-class MapPublic(BaseModel):
-    """Parallel arrays (one entry per sampled point), compact for tens of thousands of points."""
-
-    job_id: str
-    num_clusters: int
-    total: int = Field(description="Images in the job; the map holds a sample of at most `limit`.")
-    x: list[float]
-    y: list[float]
-    cluster: list[int]
-    confidence: list[float]
-    image_id: list[str]
 
 
 @router.get(
@@ -60,7 +46,7 @@ def get_cluster_members(
     limit: int = Query(60, ge=1, le=1000),
 ) -> AssignmentsPublic:
     """The images of one cluster, most confident first (ties in image order), one page."""
-    result_set = _result_set(session, job_id, num_clusters, owner)
+    result_set = owned_result_set(session, job_id, num_clusters, owner)
     if not 0 <= cluster_index < result_set.num_clusters:
         raise HTTPException(404, f"cluster {cluster_index} not found (C={result_set.num_clusters})")
     return assignment_page(
@@ -78,7 +64,7 @@ def get_map(
     limit: int = Query(5000, ge=1, le=MAP_MAX_POINTS, description="At most this many points."),
 ) -> MapPublic:
     """A uniform sample (the same on every request) of the 2-D projection of the final features."""
-    result_set = _result_set(session, job_id, num_clusters, owner)
+    result_set = owned_result_set(session, job_id, num_clusters, owner)
     embedding = load_embedding(storage, job_id)  # (N, 2) float32, row p = image at position p
     if embedding is None:
         raise HTTPException(404, f"job {job_id} has no stored 2-D map")

@@ -110,7 +110,7 @@ def jobs_public(session: Session, jobs: list[Job]) -> list[JobPublic]:
     ]
 
 
-def _result_set(
+def owned_result_set(
     session: Session, job_id: str, num_clusters: int | None, owner: CurrentOwner
 ) -> ResultSet:
     """The result set of the owner's succeeded job for C = `num_clusters` (default K)."""
@@ -356,7 +356,7 @@ def get_assignments(
 ) -> Any:
     """Every image exactly once with its cluster and confidence: JSON pages, or the whole CSV
     (`format=csv` or `Accept: text/csv`)."""
-    result_set = _result_set(session, job_id, num_clusters, owner)
+    result_set = owned_result_set(session, job_id, num_clusters, owner)
     wants_csv = output_format == "csv" or (
         output_format is None and accept is not None and "text/csv" in accept
     )
@@ -420,7 +420,7 @@ def get_clusters(
     num_clusters: int | None = Query(None, description="C of the result set; default K."),
 ) -> ClustersPublic:
     """Per cluster: size, mean confidence, prototype image id and the top members' ids."""
-    result_set = _result_set(session, job_id, num_clusters, owner)
+    result_set = owned_result_set(session, job_id, num_clusters, owner)
     clusters = session.scalars(
         select(Cluster).where(Cluster.result_set_id == result_set.id).order_by(Cluster.index)
     )
@@ -458,7 +458,7 @@ def get_prototype(
     thumbnail: bool = Query(False),
 ) -> Response:
     """The prototype image of a cluster (PNG or JPEG bytes)."""
-    result_set = _result_set(session, job_id, num_clusters, owner)
+    result_set = owned_result_set(session, job_id, num_clusters, owner)
     cluster = session.scalar(
         select(Cluster).where(
             Cluster.result_set_id == result_set.id, Cluster.index == cluster_index

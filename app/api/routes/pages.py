@@ -61,15 +61,7 @@ def index_page(request: Request, settings: SettingsDep) -> HTMLResponse:
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(request: Request, session: SessionDep, owner: OwnerDep, job_id: str) -> HTMLResponse:
     """Live progress of one job: stage, progress bar, ETA, timings, error, cancel."""
-    job = session.get(Job, job_id)
-    if job is None or job.owner_id != owner.id:  # another owner's job: not found either
-        return _not_found(request, f"job {job_id}")
-    dataset = session.get(Dataset, job.dataset_id)
-    return templates.TemplateResponse(
-        request,
-        "job.html",
-        {"api": API_BASE, "job": job, "dataset": dataset, "stages": STAGES},
-    )
+    return _job_template(request, session, owner, job_id, "job.html", stages=STAGES)
 
 
 @router.get("/jobs/{job_id}/gallery", response_class=HTMLResponse)
@@ -77,12 +69,22 @@ def gallery_page(
     request: Request, session: SessionDep, owner: OwnerDep, job_id: str
 ) -> HTMLResponse:
     """The clusters of a finished job: cards, members, metrics, the map, downloads."""
+    return _job_template(request, session, owner, job_id, "gallery.html")
+
+
+def _job_template(
+    request: Request,
+    session: SessionDep,
+    owner: OwnerDep,
+    job_id: str,
+    template: str,
+    **context: object,
+) -> HTMLResponse:
+    """A page about one of the owner's jobs; another owner's job is not found either."""
     job = session.get(Job, job_id)
-    if job is None or job.owner_id != owner.id:  # another owner's job: not found either
+    if job is None or job.owner_id != owner.id:
         return _not_found(request, f"job {job_id}")
     dataset = session.get(Dataset, job.dataset_id)
     return templates.TemplateResponse(
-        request,
-        "gallery.html",
-        {"api": API_BASE, "job": job, "dataset": dataset},
+        request, template, {"api": API_BASE, "job": job, "dataset": dataset, **context}
     )

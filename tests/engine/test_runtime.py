@@ -1,0 +1,37 @@
+"""Precision policy: mixed precision only where the hardware runs it natively, never on request."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scan_engine import runtime as runtime_module
+from scan_engine.runtime import resolve_runtime
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_uses_bf16_only_on_cpus_that_have_it(monkeypatch, native_bf16: bool) -> None:
+    monkeypatch.setattr(runtime_module, "cpu_has_native_bf16", lambda: native_bf16)
+    chosen = resolve_runtime("cpu", "auto")
+    assert chosen.amp_dtype == (torch.bfloat16 if native_bf16 else None)
+    assert chosen.channels_last == native_bf16
+
+
+def test_float32_never_autocasts(monkeypatch) -> None:
+    monkeypatch.setattr(runtime_module, "cpu_has_native_bf16", lambda: True)
+    chosen = resolve_runtime("cpu", "float32")
+    assert chosen.amp_dtype is None and not chosen.channels_last
+    layer = torch.nn.Linear(4, 4)
+    with chosen.autocast():
+        assert layer(torch.ones(2, 4)).dtype == torch.float32
+
+
+def test_bf16_autocast_runs_a_linear_layer_in_bf16(monkeypatch) -> None:
+    monkeypatch.setattr(runtime_module, "cpu_has_native_bf16", lambda: True)
+    with resolve_runtime("cpu", "auto").autocast():
+        assert torch.nn.Linear(4, 4)(torch.ones(2, 4)).dtype == torch.bfloat16
+
+
+def test_unknown_precision_is_refused() -> None:
+    with pytest.raises(ValueError, match="precision"):
+        resolve_runtime("cpu", "fp8")
