@@ -15,6 +15,7 @@ for what in "${@:-throughput knn memory}"; do
       throughput)
         # The reference's setting: stock ResNet-18, 32 px, SimCLR batch 512, two views.
         run --stage pretext --preset paper --steps 2 --repeat 3
+        run --stage pretext --preset paper --steps 2 --repeat 3 --set compile=true
         run --stage scan --preset paper --steps 3 --repeat 3
         run --stage selflabel --preset paper --steps 2 --repeat 3
         # What the cpu preset trains (ResNet-18 at half width).

@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import os
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 import zipfile
@@ -248,3 +250,46 @@ class TcpProxy:
             for sock in (source, sink):
                 with suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def celery_service_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **extra: str
+) -> Iterator[dict[str, str]]:
+    """Settings of the production shape (a fresh PostgreSQL database, the test Redis db, jobs
+    sent to Celery), set for this process; the same dict is the environment of its workers."""
+    require_redis()
+    with postgres_database() as url:
+        env = {
+            "DATA_DIR": str(tmp_path / "data"),
+            "DATABASE_URL": url,
+            "CELERY_BROKER_URL": redis_test_url(),
+            "JOB_RUNNER": "celery",
+            "PROGRESS_INTERVAL_S": "0.2",
+            "CANCEL_CHECK_INTERVAL_S": "0.2",
+            "LOG_FORMAT": "json",
+            **extra,
+        }
+        use_settings(monkeypatch, **env)
+        flush_redis_test_db()
+        try:
+            yield env
+        finally:
+            flush_redis_test_db()
+
+
+def start_celery_worker(
+    env: dict[str, str], log_path: Path, name: str = "test"
+) -> subprocess.Popen[bytes]:
+    """A real `celery worker` process on the gpu queue, one job at a time, logging to a file."""
+    full_env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+        "-Q", "gpu", "--concurrency", "1", "--hostname", f"{name}-{uuid.uuid4().hex[:8]}@%h",
+        "--without-gossip", "--without-mingle", "--loglevel", "INFO",
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        return subprocess.Popen(command, cwd=REPO, env=full_env, stdout=log, stderr=log)

@@ -14,9 +14,7 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,16 +23,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.e2e.flow import FINISHED, upload_shapes, wait_for
-from tests.service_support import (
-    create_api_key,
-    flush_redis_test_db,
-    postgres_database,
-    redis_test_url,
-    require_redis,
-    use_settings,
-)
+from tests.service_support import celery_service_env, create_api_key, start_celery_worker
 
-REPO = Path(__file__).resolve().parents[2]
 OVERRIDES = {
     "pretext": {"epochs": 1},
     "scan": {"epochs": 2, "num_heads": 1},
@@ -45,37 +35,15 @@ SECOND_DELIVERY = "running under another worker's lease"
 
 @pytest.fixture
 def fault_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    require_redis()
-    with postgres_database() as url:
-        env = {
-            "DATA_DIR": str(tmp_path / "data"),
-            "DATABASE_URL": url,
-            "CELERY_BROKER_URL": redis_test_url(),
-            "CELERY_VISIBILITY_TIMEOUT_S": "3",
-            "JOB_LEASE_S": "6",
-            "JOB_HEARTBEAT_S": "1",
-            "REAPER_INTERVAL_S": "2",
-            "PROGRESS_INTERVAL_S": "0.2",
-            "CANCEL_CHECK_INTERVAL_S": "0.2",
-            "LOG_FORMAT": "json",
-        }
-        use_settings(monkeypatch, **env)
-        flush_redis_test_db()
-        try:
-            yield env
-        finally:
-            flush_redis_test_db()
-
-
-def _start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    full_env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
-    command = [
-        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-        "-Q", "gpu", "--concurrency", "1", "--hostname", f"fault-{uuid.uuid4().hex[:8]}@%h",
-        "--without-gossip", "--without-mingle", "--loglevel", "INFO",
-    ]  # fmt: skip
-    with log_path.open("wb") as log:
-        return subprocess.Popen(command, cwd=REPO, env=full_env, stdout=log, stderr=log)
+    with celery_service_env(
+        tmp_path,
+        monkeypatch,
+        CELERY_VISIBILITY_TIMEOUT_S="3",
+        JOB_LEASE_S="6",
+        JOB_HEARTBEAT_S="1",
+        REAPER_INTERVAL_S="2",
+    ) as env:
+        yield env
 
 
 def _log_lines(paths: list[Path]) -> list[dict[str, Any]]:
@@ -119,7 +87,7 @@ def test_redelivery_and_sigkill_mid_job(fault_env: dict[str, str], tmp_path: Pat
     with TestClient(create_app()) as client:  # start-up migrates the test database
         client.headers["Authorization"] = f"Bearer {create_api_key('ci')}"
         dataset = upload_shapes(client, shapes)
-        workers = [_start_worker(fault_env, log) for log in logs]
+        workers = [start_celery_worker(fault_env, log, "fault") for log in logs]
         try:
             response = client.post(
                 "/api/v1/jobs",

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,31 +62,13 @@ def test_import_initialises_no_cuda_and_loads_no_routes() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_task_runs_the_job_function_idempotently(pg_settings: str) -> None:
-    from app.db.models import LOCAL_OWNER_ID, Dataset, Job
+def test_task_runs_the_job_function_idempotently(make_job: Any) -> None:
+    from app.db.models import Job
     from app.db.session import session_scope
     from worker.tasks import run_scan_job
 
-    with session_scope() as session:
-        session.add(
-            Dataset(
-                id="d1",
-                owner_id=LOCAL_OWNER_ID,
-                name="d",
-                storage_path="datasets/d1",
-                image_count=0,
-                total_bytes=0,
-            )
-        )
-        common = {
-            "owner_id": LOCAL_OWNER_ID,
-            "dataset_id": "d1",
-            "num_clusters": 2,
-            "preset": "tiny",
-            "config": {},
-        }
-        session.add(Job(id="done", status="succeeded", **common))
-        session.add(Job(id="stop", status="queued", cancel_requested=True, **common))
+    make_job("succeeded", id="done")
+    make_job("queued", id="stop", cancel_requested=True)
     # apply() runs the task body in this process, through Celery's task machinery.
     assert run_scan_job.apply(args=["done"]).get() == "succeeded"
     assert run_scan_job.apply(args=["done"]).get() == "succeeded"  # a redelivery is harmless

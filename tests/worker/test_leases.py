@@ -20,42 +20,6 @@ LIVE = {"lease_owner": "elsewhere:1:live", "lease_expires_at": NOW + timedelta(h
 EXPIRED = {"lease_owner": "elsewhere:1:gone", "lease_expires_at": NOW - timedelta(minutes=5)}
 
 
-@pytest.fixture
-def make_job(pg_settings: str) -> Any:
-    """Insert a dataset (no images) and return a function inserting jobs on it."""
-    from app.db.models import LOCAL_OWNER_ID, Dataset, Job
-    from app.db.session import session_scope
-
-    with session_scope() as session:
-        session.add(
-            Dataset(
-                id="d1",
-                owner_id=LOCAL_OWNER_ID,
-                name="d",
-                storage_path="datasets/d1",
-                image_count=0,
-                total_bytes=0,
-            )
-        )
-
-    def make(status: str = "queued", **fields: Any) -> str:
-        values: dict[str, Any] = {
-            "owner_id": LOCAL_OWNER_ID,
-            "dataset_id": "d1",
-            "status": status,
-            "num_clusters": 2,
-            "preset": "tiny",
-            "config": {},
-        }
-        with session_scope() as session:
-            job = Job(**(values | fields))
-            session.add(job)
-            session.flush()
-            return job.id
-
-    return make
-
-
 def _row(job_id: str) -> Any:
     from app.db.models import Job
     from app.db.session import session_scope
