@@ -66,13 +66,14 @@ class _Checkpoints:
     def __init__(self, work_dir: Path, config: ScanConfig, collection: ImageCollection) -> None:
         self.work_dir = work_dir
         self.config = config
-        self.collection = collection
+        self.collection_key = _collection_key(collection)
 
     def path(self, stage: str) -> Path:
         return self.work_dir / f"{stage}.pt"
 
     def fingerprint(self, stage: str) -> str:
-        return _fingerprint(_stage_settings(stage, self.config), self.collection)
+        settings = json.dumps(_stage_settings(stage, self.config), sort_keys=True)
+        return hashlib.sha256(f"{settings}\n{self.collection_key}".encode()).hexdigest()[:16]
 
     def load(self, stage: str) -> dict[str, Any] | None:
         path = self.path(stage)
@@ -112,6 +113,7 @@ _PRETEXT_SETTINGS = (
     "backbone_width",
     "backbone_weights",
     "pretext",
+    "precision",
     "seed",
 )
 _RUN_ONLY_SETTINGS = ("preset", "time_budget_s", "compile", "prototype_members", "top_members")
@@ -135,11 +137,11 @@ def _stage_settings(stage: str, config: ScanConfig) -> dict[str, Any]:
     return later
 
 
-def _fingerprint(settings: dict[str, Any], collection: ImageCollection) -> str:
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    digest.update(str(tuple(collection.images.shape)).encode())
+def _collection_key(collection: ImageCollection) -> str:
+    """Which images, in which order, at which size: hashed once per run."""
+    digest = hashlib.sha256(str(tuple(collection.images.shape)).encode())
     digest.update("\n".join(collection.ids).encode())
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()
 
 
 class _Budget:
@@ -333,14 +335,13 @@ def run(
 
     # 3. SCAN step: one backbone, `num_heads` heads for every cluster count.
     started = time.monotonic()
-    heads_on_cached = frozen or not config.scan.update_backbone
-    head_features = cached_features if heads_on_cached else None
+    head_features = cached_features if heads_only else None
     clustering = ClusteringModel(
         copy.deepcopy(backbone),
         backbone.feature_dim,
         counts,
         config.scan.num_heads,
-        head_input_scale=config.scan.feature_scale if heads_on_cached else 1.0,
+        head_input_scale=config.scan.feature_scale if heads_only else 1.0,
     )
     clustering.backbone.requires_grad_(config.scan.update_backbone and not frozen)
     if head_features is None and not config.scan.update_backbone:
