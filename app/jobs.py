@@ -27,7 +27,7 @@ from app.core.config import Settings, get_settings
 from app.db.models import Assignment, Cluster, Dataset, Job, JobStatus, ResultSet, utcnow
 from app.db.models import Image as ImageRow
 from app.db.session import get_sessionmaker
-from app.leases import Heartbeat, lease_free_clause, lease_is_free, new_holder
+from app.leases import Heartbeat, lease_is_free, lease_unchanged_clause, new_holder
 from app.maps import save_embedding
 from app.storage import Storage
 from scan_engine.results import ProgressEvent, StopRequested
@@ -218,10 +218,7 @@ def _claim(
             Job.id == job_id,
             Job.status == seen.status,
             Job.attempts == seen.attempts,
-            Job.lease_owner.is_(None)
-            if seen.lease_owner is None
-            else Job.lease_owner == seen.lease_owner,
-            lease_free_clause(seen.lease_owner, now),
+            lease_unchanged_clause(seen.lease_owner, now),
         ]
         done: dict[str, Any] = {
             "finished_at": now,

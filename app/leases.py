@@ -32,6 +32,7 @@ __all__ = [
     "holder_is_dead",
     "lease_is_free",
     "lease_free_clause",
+    "lease_unchanged_clause",
     "renew",
     "Heartbeat",
 ]
@@ -120,6 +121,15 @@ def lease_free_clause(seen_holder: str | None, now: datetime) -> ColumnElement[b
         ),
     )
     return or_(Job.status == JobStatus.QUEUED, running_on_dead_lease)
+
+
+def lease_unchanged_clause(seen_holder: str | None, now: datetime) -> ColumnElement[bool]:
+    """Compare-and-set guard: the row still has the holder read before and its lease is still
+    free to take; of two workers updating under it, exactly one gets rowcount 1."""
+    same_holder = (
+        Job.lease_owner.is_(None) if seen_holder is None else Job.lease_owner == seen_holder
+    )
+    return and_(same_holder, lease_free_clause(seen_holder, now))
 
 
 def renew(factory: sessionmaker[Session], job_id: str, holder: str, lease_s: float) -> bool:

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
 from app.db.models import Job, JobStatus, utcnow
-from app.leases import lease_free_clause, lease_is_free
+from app.leases import lease_is_free, lease_unchanged_clause
 
 __all__ = ["reap_stale_jobs", "Reaper"]
 
@@ -58,10 +58,7 @@ def reap_stale_jobs(
             unchanged = [
                 Job.id == job.id,
                 Job.attempts == job.attempts,
-                Job.lease_owner.is_(None)
-                if job.lease_owner is None
-                else Job.lease_owner == job.lease_owner,
-                lease_free_clause(job.lease_owner, now),
+                lease_unchanged_clause(job.lease_owner, now),
             ]
             lost = f"the worker running it stopped (last heartbeat {_when(job.heartbeat_at)})"
             finished = {"finished_at": now, "eta_s": None, "lease_expires_at": None}
