@@ -256,12 +256,46 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @contextmanager
+def redis_test_settings(monkeypatch: pytest.MonkeyPatch, **env: str) -> Iterator[None]:
+    """`use_settings` with the test Redis db emptied before and after."""
+    require_redis()
+    use_settings(monkeypatch, **env)
+    flush_redis_test_db()
+    try:
+        yield
+    finally:
+        flush_redis_test_db()
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout_s`."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def insert_job(values: dict[str, Any]) -> str:
+    """Insert one jobs row with these column values; its id."""
+    from app.db.models import Job
+    from app.db.session import session_scope
+
+    with session_scope() as session:
+        job = Job(**values)
+        session.add(job)
+        session.flush()
+        return job.id
+
+
+@contextmanager
 def celery_service_env(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **extra: str
 ) -> Iterator[dict[str, str]]:
     """Settings of the production shape (a fresh PostgreSQL database, the test Redis db, jobs
     sent to Celery), set for this process; the same dict is the environment of its workers."""
-    require_redis()
     with postgres_database() as url:
         env = {
             "DATA_DIR": str(tmp_path / "data"),
@@ -273,12 +307,8 @@ def celery_service_env(
             "LOG_FORMAT": "json",
             **extra,
         }
-        use_settings(monkeypatch, **env)
-        flush_redis_test_db()
-        try:
+        with redis_test_settings(monkeypatch, **env):
             yield env
-        finally:
-            flush_redis_test_db()
 
 
 def start_celery_worker(

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.service_support import upload_zip, use_settings
+from tests.service_support import insert_job, upload_zip, use_settings
 
 
 @pytest.fixture
@@ -56,8 +56,7 @@ def make_job(data_dir: Path) -> Any:
     """
     from datetime import UTC, datetime, timedelta
 
-    from app.db.models import LOCAL_OWNER_ID, Job
-    from app.db.session import session_scope
+    from app.db.models import LOCAL_OWNER_ID
     from scan_engine.config import make_config
 
     def make(dataset_id: str, status: str = "queued", num_clusters: int = 3, **fields: Any) -> str:
@@ -79,10 +78,6 @@ def make_job(data_dir: Path) -> Any:
             "overrides": {},
             "config": config.to_json_dict(),
         }
-        with session_scope() as session:
-            job = Job(**(values | fields))
-            session.add(job)
-            session.flush()
-            return job.id
+        return insert_job(values | fields)
 
     return make

@@ -23,12 +23,10 @@ from PIL import Image
 from tests.service_support import (
     create_api_key,
     files_under,
-    flush_redis_test_db,
     png_bytes,
+    redis_test_settings,
     redis_test_url,
-    require_redis,
     upload_zip,
-    use_settings,
     zip_bytes,
 )
 
@@ -46,19 +44,14 @@ def _noise_png(side: int, seed: int) -> bytes:
 
 @pytest.fixture
 def tenant_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    require_redis()
     env = {
         "DATA_DIR": str(tmp_path / "data"),
         "CELERY_BROKER_URL": redis_test_url(),
         "MAX_CONCURRENT_JOBS_PER_OWNER": "2",
         "MAX_STORAGE_BYTES_PER_OWNER": "7000",
     }
-    use_settings(monkeypatch, **env)
-    flush_redis_test_db()
-    try:
+    with redis_test_settings(monkeypatch, **env):
         yield env
-    finally:
-        flush_redis_test_db()
 
 
 @pytest.fixture

@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from tests.service_support import stop_process
+
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path(os.environ.get("SCAN_TEST_CHROMIUM", "/usr/bin/chromium"))
 # No GPU, no sandbox (root in CI), and nothing fetched from the internet behind our back.
@@ -67,12 +69,7 @@ def run_server(env: dict[str, str], log_path: Path, ready_timeout_s: float = 60)
             time.sleep(0.2)
         yield base
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)
 
 
 def launch_chromium(playwright: Any) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +9,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.e2e.flow import cancel_running_job, run_and_check_clustering
-from tests.service_support import celery_service_env, create_api_key, start_celery_worker
+from tests.service_support import (
+    celery_service_env,
+    create_api_key,
+    start_celery_worker,
+    stop_process,
+)
 
 
 @pytest.fixture
@@ -41,10 +45,5 @@ def test_celery_worker_clusters_an_upload(
             print(log_path.read_text()[-6000:])  # the worker's side of the story
             raise
         finally:
-            worker.terminate()
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            stop_process(worker)
     assert "job finished" in log_path.read_text()

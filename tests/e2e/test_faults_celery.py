@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.e2e.flow import FINISHED, upload_shapes, wait_for
-from tests.service_support import celery_service_env, create_api_key, start_celery_worker
+from tests.service_support import (
+    celery_service_env,
+    create_api_key,
+    start_celery_worker,
+    stop_process,
+)
 
 OVERRIDES = {
     "pretext": {"epochs": 1},
@@ -133,10 +137,6 @@ def test_redelivery_and_sigkill_mid_job(fault_env: dict[str, str], tmp_path: Pat
             raise
         finally:
             for worker in workers:
-                worker.terminate()
+                worker.terminate()  # both at once; stop_process then waits for each
             for worker in workers:
-                try:
-                    worker.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
-                    worker.wait()
+                stop_process(worker)

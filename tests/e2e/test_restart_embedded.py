@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.service_support import files_under, free_port, use_settings
+from tests.service_support import files_under, free_port, stop_process, use_settings
 
 REPO = Path(__file__).resolve().parents[2]
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -76,13 +76,8 @@ class Server:
         self.process.wait()
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
 
     def get(self, path: str, **params: Any) -> Any:
         response = httpx.get(f"{self.url}/api/v1{path}", params=params, timeout=30)

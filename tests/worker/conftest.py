@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.service_support import postgres_database, redis_test_url, use_settings
+from tests.service_support import insert_job, postgres_database, redis_test_url, use_settings
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def pg_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
 @pytest.fixture
 def make_job(pg_settings: str) -> Any:
     """Insert a dataset (no images) and return a function inserting jobs on it."""
-    from app.db.models import LOCAL_OWNER_ID, Dataset, Job
+    from app.db.models import LOCAL_OWNER_ID, Dataset
     from app.db.session import session_scope
 
     with session_scope() as session:
@@ -54,10 +54,6 @@ def make_job(pg_settings: str) -> Any:
             "preset": "tiny",
             "config": {},
         }
-        with session_scope() as session:
-            job = Job(**(values | fields))
-            session.add(job)
-            session.flush()
-            return job.id
+        return insert_job(values | fields)
 
     return make
