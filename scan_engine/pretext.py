@@ -58,7 +58,9 @@ def run_pretext(
     settings = config.pretext
     num_images = images.shape[0]
     batch_size = min(settings.batch_size, num_images)
-    plan = StepPlan(settings.epochs, max(1, num_images // batch_size), budget_s)
+    plan = StepPlan(
+        settings.epochs, max(1, num_images // batch_size), budget_s, settings.fill_budget
+    )
     model = runtime.prepare(model)
     model.train()
     # Full batches only (epoch_batches), so one compiled graph serves every step.

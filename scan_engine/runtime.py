@@ -5,6 +5,11 @@ bf16 autocast only pays off where the CPU has native bf16 instructions (AVX512-B
 an AMD Zen 4 with AVX512-BF16 a stock ResNet-18 SimCLR step ran 2.7x faster than in float32; on
 CPUs without them (e.g. Zen 3) oneDNN emulates bf16 and the same step ran 10-40x slower, so it
 stays off there. `precision="float32"` turns mixed precision off everywhere.
+
+"auto" also lays images and convolutions out channels_last on every device: on a Zen 3 CPU
+without bf16 the cpu preset's SimCLR step ran at 55-64 images/s in channels_last against 42 in
+the default layout (stock ResNet-18: 14.1 against 10.6). "float32" keeps the default layout:
+the reference numerics the tests' expected results were measured with.
 """
 
 from __future__ import annotations
@@ -109,4 +114,4 @@ def resolve_runtime(device: str | torch.device | None = None, precision: str = "
     if cores and torch.get_num_threads() != cores:
         torch.set_num_threads(cores)
     native_bf16 = mixed and cpu_has_native_bf16()
-    return Runtime(device, torch.bfloat16 if native_bf16 else None, channels_last=native_bf16)
+    return Runtime(device, torch.bfloat16 if native_bf16 else None, channels_last=mixed)

@@ -88,38 +88,52 @@ class Reporter:
 
 
 class StepPlan:
-    """How many optimiser steps a stage runs: its epochs, cut to fit a time budget.
+    """How many optimiser steps a stage runs: its epochs, fitted to a time budget.
 
     The first steps are timed (after one warm-up step) and the total is cut so that the stage
-    ends within its budget. The cosine schedule follows `total`, so it still decays to its end.
+    ends within its budget; with `fill_budget` the total also grows to use the whole budget, so
+    the epochs only apply when no budget is given. The estimate is renewed at every epoch's end
+    (steps can slow down over a long run). The cosine schedule follows `total`, so it still
+    decays to its end.
     """
 
-    def __init__(self, epochs: float, steps_per_epoch: int, budget_s: float | None) -> None:
+    def __init__(
+        self,
+        epochs: float,
+        steps_per_epoch: int,
+        budget_s: float | None,
+        fill_budget: bool = False,
+    ) -> None:
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.total = max(0, int(round(epochs * self.steps_per_epoch)))
         self.budget_s = budget_s
+        self.fill_budget = fill_budget and budget_s is not None and self.total > 0
         self._timing_start: float | None = None
-        self._calibrated = budget_s is None
         self._started = time.monotonic()
         self._last_step_end = self._started
         self._steps_done = 0
 
     def after_step(self, step: int) -> None:
         """Call after finishing step `step` (0-based)."""
+        now = time.monotonic()
         if step == 0:  # the first step pays one-off costs (allocations, kernel choice)
-            self._timing_start = time.monotonic()
-        self._last_step_end = time.monotonic()
+            self._timing_start = now
+        self._last_step_end = now
         self._steps_done = step + 1
-        if self._calibrated or step == 0:
+        if self.budget_s is None or self._timing_start is None:
             return
-        if step >= 3 and self._timing_start is not None and self.budget_s is not None:
-            per_step = (time.monotonic() - self._timing_start) / step
-            remaining = self.budget_s - (time.monotonic() - self._started)
-            affordable = step + 1 + int(max(remaining, 0.0) / per_step)
-            if affordable < self.total:
-                logger.info("time budget: %d of %d planned steps", affordable, self.total)
-                self.total = affordable
-            self._calibrated = True
+        if step == 3 or (step > 3 and self.epoch_ended(step + 1)):
+            self._fit_to_budget(step, now)
+
+    def _fit_to_budget(self, step: int, now: float) -> None:
+        assert self.budget_s is not None and self._timing_start is not None
+        per_step = (now - self._timing_start) / step
+        remaining = self.budget_s - (now - self._started)
+        affordable = step + 1 + int(max(remaining, 0.0) / per_step)
+        if affordable < self.total or (self.fill_budget and affordable > self.total):
+            if abs(affordable - self.total) > 0.01 * self.total:
+                logger.info("time budget: %d steps planned (was %d)", affordable, self.total)
+            self.total = affordable
 
     def steady_rate(self, items_per_step: int) -> float:
         """Items per second after the first (warm-up) step; 0 when fewer than 2 steps ran."""

@@ -14,7 +14,7 @@ def test_auto_uses_bf16_only_on_cpus_that_have_it(monkeypatch, native_bf16: bool
     monkeypatch.setattr(runtime_module, "cpu_has_native_bf16", lambda: native_bf16)
     chosen = resolve_runtime("cpu", "auto")
     assert chosen.amp_dtype == (torch.bfloat16 if native_bf16 else None)
-    assert chosen.channels_last == native_bf16
+    assert chosen.channels_last  # faster without bf16 too
 
 
 def test_float32_never_autocasts(monkeypatch) -> None:
@@ -35,3 +35,12 @@ def test_bf16_autocast_runs_a_linear_layer_in_bf16(monkeypatch) -> None:
 def test_unknown_precision_is_refused() -> None:
     with pytest.raises(ValueError, match="precision"):
         resolve_runtime("cpu", "fp8")
+
+
+def test_cpu_runtime_lays_out_images_and_convolutions_channels_last(monkeypatch) -> None:
+    monkeypatch.setattr(runtime_module, "cpu_has_native_bf16", lambda: False)
+    chosen = resolve_runtime("cpu", "auto")
+    conv = chosen.prepare(torch.nn.Conv2d(3, 8, 3))
+    batch = chosen.images(torch.zeros(2, 3, 8, 8))
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)

@@ -79,6 +79,43 @@ def test_step_plan_keeps_total_with_ample_budget() -> None:
     assert plan.total == 100
 
 
+def test_step_plan_fill_budget_grows_total_to_use_the_budget() -> None:
+    plan = StepPlan(epochs=1, steps_per_epoch=5, budget_s=0.6, fill_budget=True)
+    assert plan.total == 5
+    started = time.monotonic()
+    steps = _run_fake_steps(plan, step_s=0.02, cap=200)
+    elapsed = time.monotonic() - started
+    # 5 planned steps of 20 ms; the budget affords ~30, and the plan takes them.
+    assert steps == plan.total
+    assert 15 <= plan.total <= 40
+    assert 0.3 < elapsed < 1.2
+
+
+def test_step_plan_without_fill_never_grows() -> None:
+    plan = StepPlan(epochs=1, steps_per_epoch=5, budget_s=0.6)
+    _run_fake_steps(plan, step_s=0.02, cap=200)
+    assert plan.total == 5
+
+
+def test_step_plan_fill_budget_needs_a_budget() -> None:
+    plan = StepPlan(epochs=1, steps_per_epoch=5, budget_s=None, fill_budget=True)
+    _run_fake_steps(plan, step_s=0.001, cap=200)
+    assert plan.total == 5
+    assert StepPlan(epochs=0, steps_per_epoch=5, budget_s=9.0, fill_budget=True).total == 0
+
+
+def test_step_plan_re_estimates_when_steps_slow_down() -> None:
+    plan = StepPlan(epochs=100, steps_per_epoch=5, budget_s=0.5)
+    step = 0
+    while step < plan.total:
+        time.sleep(0.005 if step < 5 else 0.05)  # 10x slower after the first epoch
+        plan.after_step(step)
+        step += 1
+    # Fitted at step 3 to ~100 fast steps; re-fitted at each epoch's end once steps slowed, so
+    # the stage ends near its budget instead of running ~100 slow steps (5 s).
+    assert step < 40
+
+
 def test_step_plan_fractional_epochs_and_steady_rate() -> None:
     plan = StepPlan(epochs=0.5, steps_per_epoch=10, budget_s=None)
     assert plan.total == 5
