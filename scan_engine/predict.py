@@ -9,14 +9,22 @@ Prediction: each image is decoded like the training images (shorter side to imag
 crop), normalised with the training mean and std, and run through the backbone: f, the
 L2-normalised feature (D,), and p = softmax(head(f)) (C,). cluster = argmax p, confidence = max p.
 
-Outlier rule: for every non-empty training cluster j, mu_j is the normalised mean feature of its
-members and r_j the OUTLIER_QUANTILE (99th percentile) of its members' cosine distances
-1 - <f, mu_j> (a cluster with fewer than MIN_MEMBERS_FOR_OWN_RADIUS members takes the same
-percentile over all training images instead). A new image is an outlier when it lies outside every
-cluster's radius: 1 - <f, mu_j> > r_j for all j. About 1 % of images like the training ones fall
-outside their own cluster's radius, and fewer outside all of them. `distance` is the cosine
-distance to the nearest centroid. A low confidence with a small distance means "between two
-clusters", not "unlike anything seen".
+Outlier rule (format 3): the model keeps up to MAX_OUTLIER_REFERENCE training features. Each
+training image's cosine distance to its OUTLIER_NEIGHBORS-th nearest other training image is
+measured; the radius is the OUTLIER_QUANTILE (99th percentile) of those distances. A new image is
+an outlier when its OUTLIER_NEIGHBORS-th nearest training image is farther than that radius: it
+lies where no training images are. About 1 % of images like the training ones are flagged.
+
+Format 2 files have no reference features and keep the older rule: for every non-empty training
+cluster j, mu_j is the normalised mean feature of its members and r_j the OUTLIER_QUANTILE of its
+members' cosine distances 1 - <f, mu_j> (fewer than MIN_MEMBERS_FOR_OWN_RADIUS members: the same
+percentile over all training images); an outlier lies outside every r_j. That rule missed noise
+images once the pretext trained longer (SimCLR spreads each cluster over a wide cap of the sphere:
+on the generated shapes after 50 SimCLR epochs it flagged 1 of 8 noise images, the neighbour rule
+all 8, and 0 of 40 held-back images either way).
+
+`distance` is the cosine distance to the nearest centroid in both formats. A low confidence with a
+small distance means "between two clusters", not "unlike anything seen".
 """
 
 from __future__ import annotations
@@ -45,10 +53,14 @@ __all__ = [
     "MODEL_FILE",
     "OUTLIER_QUANTILE",
     "MIN_MEMBERS_FOR_OWN_RADIUS",
+    "OUTLIER_NEIGHBORS",
+    "MAX_OUTLIER_REFERENCE",
     "ModelFormatError",
     "Prediction",
     "Predictor",
     "cluster_geometry",
+    "neighbor_outlier_reference",
+    "kth_neighbor_distance",
     "prediction_state",
     "find_model_file",
     "load_model",
@@ -57,9 +69,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # 1: weights + config. 2: + head input, preprocessing, cluster geometry, co-assignment, K choice.
-MODEL_FORMAT_VERSION = 2
+# 3: + reference features for the neighbour outlier rule.
+MODEL_FORMAT_VERSION = 3
 MODEL_FILE = "model.pt"
 OUTLIER_QUANTILE = 0.99
+OUTLIER_NEIGHBORS = 5
+# Kept as float16: 20,000 x 512 features add 20 MB to model.pt.
+MAX_OUTLIER_REFERENCE = 20_000
+_DISTANCE_BLOCK_ELEMENTS = 2**24  # (queries, references) distances computed per block
 MIN_MEMBERS_FOR_OWN_RADIUS = 20
 RESIZE_RULE = "shorter side resized to image_size, centre crop (scan_engine.data.decode_image)"
 
@@ -90,6 +107,46 @@ def cluster_geometry(
         elif members.numel() > 0:
             radius[cluster] = overall
     return centroids, radius
+
+
+def kth_neighbor_distance(
+    queries: torch.Tensor, reference: torch.Tensor, k: int, exclude_self: bool = False
+) -> torch.Tensor:
+    """(Q,) cosine distance from each query to its k-th nearest reference row (unit rows).
+
+    exclude_self: the queries are the reference itself, and a row is not its own neighbour.
+    """
+    queries, reference = queries.float(), reference.float()
+    k = min(k, reference.shape[0] - (1 if exclude_self else 0))
+    if k < 1:
+        return torch.zeros(queries.shape[0])
+    block = max(1, _DISTANCE_BLOCK_ELEMENTS // max(1, reference.shape[0]))
+    out = torch.empty(queries.shape[0])
+    for start in range(0, queries.shape[0], block):
+        distances = 1.0 - queries[start : start + block] @ reference.T  # (b, R)
+        if exclude_self:
+            rows = torch.arange(distances.shape[0])
+            distances[rows, rows + start] = float("inf")
+        out[start : start + block] = distances.topk(k, dim=1, largest=False).values[:, -1]
+    return out
+
+
+def neighbor_outlier_reference(features: torch.Tensor, seed: int = 0) -> dict[str, Any]:
+    """The training side of the neighbour outlier rule: reference features (float16, at most
+    MAX_OUTLIER_REFERENCE, a seeded sample beyond that) and the radius their own leave-one-out
+    k-th neighbour distances give. features: (N, D) L2-normalised."""
+    features = features.float()
+    if features.shape[0] > MAX_OUTLIER_REFERENCE:
+        generator = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(features.shape[0], generator=generator)[:MAX_OUTLIER_REFERENCE]
+        features = features[keep.sort().values]
+    reference = features.half()
+    own = kth_neighbor_distance(reference, reference, OUTLIER_NEIGHBORS, exclude_self=True)
+    return {
+        "features": reference,
+        "k": OUTLIER_NEIGHBORS,
+        "radius": float(torch.quantile(own, OUTLIER_QUANTILE)) if own.numel() else 0.0,
+    }
 
 
 def prediction_state(
@@ -127,8 +184,9 @@ def prediction_state(
         "k_selection": k_selection,
         "outlier_rule": {
             "quantile": OUTLIER_QUANTILE,
-            "min_members_for_own_radius": MIN_MEMBERS_FOR_OWN_RADIUS,
+            "neighbors": OUTLIER_NEIGHBORS,
         },
+        "outlier_reference": neighbor_outlier_reference(features),
         "clusters": clusters,
     }
 
@@ -163,7 +221,7 @@ class Predictor:
 
     def __init__(self, saved: dict[str, Any], path: Path, device: str | None = None) -> None:
         version = saved.get("format_version")
-        if version not in (1, MODEL_FORMAT_VERSION):
+        if version not in (1, 2, MODEL_FORMAT_VERSION):
             raise ModelFormatError(
                 f"{path} has model format {version!r}; this version reads 1..{MODEL_FORMAT_VERSION}"
             )
@@ -174,6 +232,8 @@ class Predictor:
         self.num_clusters = int(saved.get("num_clusters", self.config.num_clusters))
         self.k_selection: dict[str, Any] | None = saved.get("k_selection")
         self.clusters: dict[int, dict[str, torch.Tensor]] = saved.get("clusters", {})
+        # Format 3; format 2 files flag outliers by the cluster radii instead.
+        self.outlier_reference: dict[str, Any] | None = saved.get("outlier_reference")
         preprocessing = saved.get("preprocessing")
         if preprocessing is not None and (
             tuple(preprocessing["mean"]) != CIFAR10_MEAN
@@ -219,13 +279,22 @@ class Predictor:
             "cluster_counts": self.cluster_counts,
             "num_clusters": self.num_clusters,
             "k_selection": self.k_selection,
-            "outlier_rule": (
+            "outlier_rule": self._outlier_rule(),
+        }
+
+    def _outlier_rule(self) -> str | None:
+        if self.outlier_reference is not None:
+            k = self.outlier_reference["k"]
+            return (
+                f"its {k}th nearest training image is farther than for "
+                f"{OUTLIER_QUANTILE:.0%} of the training images"
+            )
+        if self.clusters:
+            return (
                 f"outside every cluster's radius (the {OUTLIER_QUANTILE:.0%} quantile of its "
                 "training members' cosine distance to its centroid)"
-                if self.clusters
-                else None
-            ),
-        }
+            )
+        return None
 
     def _check_count(self, num_clusters: int | None) -> int:
         c = self.num_clusters if num_clusters is None else int(num_clusters)
@@ -285,6 +354,10 @@ class Predictor:
             outside = distances > geometry["radius"].float()  # (N, C); empty clusters: always
             distance = distances.min(1).values.numpy().astype(np.float32)
             outlier = outside.all(1).numpy()
+        if self.outlier_reference is not None:
+            reference = self.outlier_reference
+            kth = kth_neighbor_distance(features, reference["features"], int(reference["k"]))
+            outlier = (kth > float(reference["radius"])).numpy()
         if groups is not None:
             probabilities = merge_probabilities(probabilities, groups)  # (N, k)
         confidence, assignments = probabilities.max(1)

@@ -15,13 +15,17 @@ import torch
 from PIL import Image
 
 from scan_engine import metrics
+from scan_engine import predict as predict_module
 from scan_engine.data import from_arrays
 from scan_engine.predict import (
     MODEL_FORMAT_VERSION,
+    OUTLIER_NEIGHBORS,
     ModelFormatError,
     cluster_geometry,
     find_model_file,
+    kth_neighbor_distance,
     load_model,
+    neighbor_outlier_reference,
 )
 from scan_engine.sample_data import render_shape_image
 
@@ -47,6 +51,30 @@ def test_cluster_geometry_radii_follow_the_members() -> None:
     assert (own <= radius[0] + 1e-6).float().mean() >= 0.97
     assert radius[1] > 0  # too few members for its own quantile: the overall one
     assert radius[2] == -1  # empty: nothing is ever inside it
+
+
+def test_neighbor_outlier_rule_flags_points_where_no_training_point_is(monkeypatch) -> None:
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.eye(2, 8)[torch.arange(300) % 2]  # two directions, 150 points each
+    features = torch.nn.functional.normalize(
+        centres + 0.2 * torch.randn(300, 8, generator=generator), dim=1
+    )
+    reference = neighbor_outlier_reference(features)
+    assert reference["features"].shape == (300, 8) and reference["k"] == OUTLIER_NEIGHBORS
+    own = kth_neighbor_distance(features, features, OUTLIER_NEIGHBORS, exclude_self=True)
+    assert reference["radius"] == pytest.approx(float(torch.quantile(own, 0.99)), abs=2e-3)
+    # Self-distance 0 is excluded: with it, every training point's 1st neighbour is itself.
+    assert float(kth_neighbor_distance(features, features, 1, exclude_self=True).min()) > 0
+    new = torch.stack(
+        [features[0], -torch.eye(8)[0], torch.eye(8)[5]]
+    )  # a training point, two unseen
+    far = kth_neighbor_distance(new, reference["features"], OUTLIER_NEIGHBORS)
+    assert (far > reference["radius"]).tolist() == [False, True, True]
+    # Past the cap, a seeded sample is kept.
+    monkeypatch.setattr(predict_module, "MAX_OUTLIER_REFERENCE", 50)
+    capped = neighbor_outlier_reference(features)
+    assert capped["features"].shape == (50, 8)
+    assert torch.equal(capped["features"], neighbor_outlier_reference(features)["features"])
 
 
 def _noise(count: int, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -111,7 +139,7 @@ def test_merging_predicts_into_fewer_clusters(k_selection_run, predictor) -> Non
 def test_the_model_file_is_versioned_and_complete(k_selection_run) -> None:
     path = find_model_file(k_selection_run.work_dir)
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    assert saved["format_version"] == MODEL_FORMAT_VERSION == 2
+    assert saved["format_version"] == MODEL_FORMAT_VERSION == 3
     assert saved["num_clusters"] == 4 and saved["k_selection"]["chosen"] == 4
     assert saved["head_input"] == "raw"  # the SimCLR route fine-tunes the backbone
     assert saved["config"]["image_size"] == 32
@@ -119,6 +147,26 @@ def test_the_model_file_is_versioned_and_complete(k_selection_run) -> None:
     assert geometry["centroids"].shape[0] == 4 and geometry["radius"].shape == (4,)
     assert geometry["coassignment"].shape == (4, 4)
     assert int(geometry["sizes"].sum()) == len(k_selection_run.train)
+    reference = saved["outlier_reference"]
+    assert reference["features"].shape[0] == len(k_selection_run.train)
+    assert reference["features"].dtype == torch.float16
+    assert reference["k"] == OUTLIER_NEIGHBORS and 0 < reference["radius"] < 2
+
+
+@pytest.mark.slow
+def test_a_format_2_model_flags_outliers_by_cluster_radius(
+    k_selection_run, predictor, tmp_path: Path
+) -> None:
+    saved = torch.load(find_model_file(k_selection_run.work_dir), weights_only=True)
+    del saved["outlier_reference"]
+    torch.save({**saved, "format_version": 2}, tmp_path / "model.pt")
+    older = load_model(tmp_path)
+    assert "cluster's radius" in older.describe()["outlier_rule"]
+    prediction = older.predict(k_selection_run.held_back)
+    assert prediction.outlier is not None and prediction.outlier.mean() <= 0.1
+    np.testing.assert_array_equal(
+        prediction.assignments, predictor.predict(k_selection_run.held_back).assignments
+    )
 
 
 @pytest.mark.slow

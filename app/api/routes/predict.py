@@ -55,8 +55,9 @@ class PredictedImage(BaseModel):
         description="Cosine distance of the image's feature to the nearest cluster centroid."
     )
     outlier: bool | None = Field(
-        description="Outside every cluster's radius (99th percentile of the training members' "
-        "distances to their centroid); null for a model stored without cluster geometry."
+        description="Unlike the training images: its 5th nearest training image is farther than "
+        "for 99% of the training images (models stored before that rule: outside every "
+        "cluster's radius); null for a model stored without cluster geometry."
     )
 
 
