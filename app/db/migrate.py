@@ -27,6 +27,12 @@ _ADVISORY_LOCK_ID = 0x5CA11  # any constant shared by all replicas
 
 def alembic_config() -> Config:
     """An Alembic config pointing at migrations/, without alembic.ini (no logging setup)."""
+    if not (MIGRATIONS_DIR / "env.py").is_file():
+        # A built wheel carries app/ but not the top-level migrations/ folder.
+        raise RuntimeError(
+            f"no database migrations at {MIGRATIONS_DIR}: run from a checkout installed with "
+            "`pip install -e .` (as `make setup` and the Docker image do), not from a built wheel"
+        )
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     return config

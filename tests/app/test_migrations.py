@@ -143,3 +143,12 @@ def test_upgrade_to_0002_keeps_rows_and_gives_them_the_local_owner(database_url:
             assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
     assert _differences(database_url) == []
     dispose_engines()
+
+
+def test_missing_migrations_folder_is_a_clear_error(monkeypatch, tmp_path: Path) -> None:
+    from app.db import migrate
+
+    monkeypatch.setattr(migrate, "MIGRATIONS_DIR", tmp_path / "migrations")
+    with pytest.raises(RuntimeError, match=r"no database migrations at .*pip install -e"):
+        migrate.upgrade_to_head(f"sqlite:///{tmp_path / 'never.db'}")
+    assert not (tmp_path / "never.db").exists()  # refused before touching the database
