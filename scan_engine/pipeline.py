@@ -33,7 +33,7 @@ from scan_engine.predict import prediction_state
 from scan_engine.pretext import build_contrastive_model, run_pretext
 from scan_engine.prototypes import cluster_summaries
 from scan_engine.results import ClusteringResult, PipelineResult, ProgressEvent
-from scan_engine.runtime import Runtime, resolve_runtime
+from scan_engine.runtime import Runtime, cpu_fields, cpu_has_native_bf16, resolve_runtime
 from scan_engine.scan import infer, run_scan
 from scan_engine.selflabel import run_selflabel
 from scan_engine.training import Reporter, device_generator
@@ -575,17 +575,12 @@ def _save_model(
 
 
 def machine_info(runtime: Runtime) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    fields = cpu_fields()
     info: dict[str, Any] = {
-        "cpu": cpu,
+        "cpu": fields.get("model name") or platform.processor() or platform.machine(),
+        # Same model name, different cores: "AMD EPYC" has been a Zen 3 and a Zen 4 here.
+        "cpu_family_model": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
+        "native_bf16": cpu_has_native_bf16(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -25,21 +25,29 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Runtime", "resolve_runtime", "cpu_has_native_bf16"]
+__all__ = ["Runtime", "resolve_runtime", "cpu_fields", "cpu_has_native_bf16"]
 
 
 @functools.cache
-def cpu_has_native_bf16() -> bool:
-    """True when /proc/cpuinfo lists AVX512-BF16 or AMX-BF16 (Linux; False elsewhere)."""
+def cpu_fields() -> dict[str, str]:
+    """The first processor's `key: value` lines of /proc/cpuinfo (Linux; empty elsewhere)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                if not line.strip():
+                    break  # end of the first processor's block
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return False
+    return fields
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when /proc/cpuinfo lists AVX512-BF16 or AMX-BF16 (Linux; False elsewhere)."""
+    flags = set(cpu_fields().get("flags", "").split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ def _bench(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
     line = json.loads(lines[0])
     assert {"machine", "runs", "peak_rss_mb", "config"} <= set(line)
     assert line["machine"]["cores"] >= 1 and line["machine"]["torch"]
+    assert isinstance(line["machine"]["native_bf16"], bool) and line["machine"]["cpu_family_model"]
     return line
 
 

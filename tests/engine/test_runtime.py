@@ -44,3 +44,11 @@ def test_cpu_runtime_lays_out_images_and_convolutions_channels_last(monkeypatch)
     batch = chosen.images(torch.zeros(2, 3, 8, 8))
     assert batch.is_contiguous(memory_format=torch.channels_last)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_cpu_fields_read_the_first_processor() -> None:
+    fields = runtime_module.cpu_fields()
+    assert fields.get("processor") == "0" and "flags" in fields
+    assert runtime_module.cpu_has_native_bf16() == (
+        "avx512_bf16" in fields["flags"].split() or "amx_bf16" in fields["flags"].split()
+    )
