@@ -21,6 +21,7 @@ class KSelectionRun:
     train: ImageCollection
     held_back: ImageCollection
     work_dir: Path
+    config: object  # scan_engine.config.ScanConfig
     result: object  # scan_engine.results.PipelineResult
 
 
@@ -43,6 +44,8 @@ def k_selection_run(tmp_path_factory: pytest.TempPathFactory) -> KSelectionRun:
     train = collection.subset([i for i, h in enumerate(held) if not h])
     held_back = collection.subset([i for i, h in enumerate(held) if h])
     work_dir = tmp_path_factory.mktemp("k_work")
-    config = make_config("tiny", num_clusters_range=[2, 6])
+    # 50 SimCLR epochs, not the preset's 25: after 25 the choice among 2..6 depended on the seed
+    # (4 chosen for 1 of seeds 0-3); after 50 it was 4 for all four.
+    config = make_config("tiny", num_clusters_range=[2, 6], pretext={"epochs": 50})
     result = pipeline.run(train, config, work_dir)
-    return KSelectionRun(root, train, held_back, work_dir, result)
+    return KSelectionRun(root, train, held_back, work_dir, config, result)

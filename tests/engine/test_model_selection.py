@@ -204,8 +204,7 @@ def test_a_rerun_resumes_with_the_same_choice(k_selection_run, tmp_path) -> None
 
     work = tmp_path / "work"
     shutil.copytree(k_selection_run.work_dir, work)
-    config = make_config("tiny", num_clusters_range=[2, 6])
-    again = pipeline.run(k_selection_run.train, config, work)
+    again = pipeline.run(k_selection_run.train, k_selection_run.config, work)
     assert again.k_selection == k_selection_run.result.k_selection
     np.testing.assert_array_equal(
         again.results[0].assignments, k_selection_run.result.results[0].assignments
