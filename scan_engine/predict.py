@@ -351,9 +351,10 @@ class Predictor:
         if c in self.clusters:
             geometry = self.clusters[c]
             distances = 1.0 - features.float() @ geometry["centroids"].float().T  # (N, C)
-            outside = distances > geometry["radius"].float()  # (N, C); empty clusters: always
             distance = distances.min(1).values.numpy().astype(np.float32)
-            outlier = outside.all(1).numpy()
+            if self.outlier_reference is None:  # format 2: the cluster-radius rule
+                outside = distances > geometry["radius"].float()  # (N, C); empty: always
+                outlier = outside.all(1).numpy()
         if self.outlier_reference is not None:
             reference = self.outlier_reference
             kth = kth_neighbor_distance(features, reference["features"], int(reference["k"]))
