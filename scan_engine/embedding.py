@@ -95,6 +95,18 @@ class Preprocessing:
                 f"interpolation must be one of {sorted(_RESAMPLING)}, not {self.interpolation!r}"
             )
 
+    @classmethod
+    def from_spec(cls, spec: Any) -> Preprocessing:
+        """From any object with input_size, mean, std, crop_pct and interpolation (a backbone's
+        spec), so that this module needs no backbone registry."""
+        return cls(
+            input_size=spec.input_size,
+            mean=tuple(spec.mean),
+            std=tuple(spec.std),
+            crop_pct=spec.crop_pct,
+            interpolation=spec.interpolation,
+        )
+
     @property
     def scale_size(self) -> int:
         """The shorter side before the centre crop (timm: floor(input_size / crop_pct))."""
@@ -177,12 +189,22 @@ class EmbeddedFeatures:
 
 
 def eval_view(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
-    """timm's eval transform as one resize: (S, S, 3) uint8 from the centre of an RGB picture."""
+    """timm's eval transform as one resize: (S, S, 3) uint8 from the centre of an RGB picture.
+
+    timm resizes the shorter side to `scale_size` (the longer one truncated to an int) and crops
+    the centre S x S (offsets rounded); the same box, mapped back onto the source picture, is
+    resized in one pass with the same filter scale, so the pixels agree to about one level.
+    """
     width, height = image.size
-    size = preprocessing.input_size
-    crop = min(width, height) * size / preprocessing.scale_size  # crop side in source pixels
-    left, top = (width - crop) / 2, (height - crop) / 2
-    return _resize_box(image, (left, top, left + crop, top + crop), preprocessing)
+    size, scale = preprocessing.input_size, preprocessing.scale_size
+    if width <= height:
+        resized_w, resized_h = scale, int(scale * height / width)
+    else:
+        resized_w, resized_h = int(scale * width / height), scale
+    left = int(round((resized_w - size) / 2.0)) * width / resized_w
+    top = int(round((resized_h - size) / 2.0)) * height / resized_h
+    box = (left, top, left + size * width / resized_w, top + size * height / resized_h)
+    return _resize_box(image, box, preprocessing)
 
 
 def augmented_view(
