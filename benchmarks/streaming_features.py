@@ -100,7 +100,7 @@ def measure(args: argparse.Namespace, count: int) -> dict[str, Any]:
     sources = ImageSources.from_files([(path.stem, path) for path in paths])
     runtime = resolve_runtime(args.device, args.precision)
     module = timm.create_model(args.backbone, pretrained=False, num_classes=0)
-    config = module.pretrained_cfg
+    config: dict[str, Any] = dict(getattr(module, "pretrained_cfg", {}))
     rss_before = _status_mb("VmRSS")
     curve: list[tuple[int, float]] = []
     sample_every = max(1, count // 40)

@@ -178,7 +178,7 @@ class EmbeddedFeatures:
         return 0 if self.augmented is None else int(self.augmented.shape[0])
 
     def with_labels_from(self, sources: ImageSources) -> EmbeddedFeatures:
-        """The same features with labels and class names taken from `sources` by position."""
+        """Set labels and class names from `sources` by position (in place); returns self."""
         self.labels = None if sources.labels is None else sources.labels[self.positions].copy()
         self.class_names = None if sources.class_names is None else list(sources.class_names)
         return self

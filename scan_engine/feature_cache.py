@@ -126,7 +126,7 @@ class FeatureCache:
         descriptor, temporary = tempfile.mkstemp(dir=self.root, prefix=f".{key}.", suffix=".tmp")
         try:
             with os.fdopen(descriptor, "wb") as handle:
-                np.savez(handle, **arrays)
+                np.savez(handle, **arrays)  # type: ignore[arg-type]  # stubs: kwargs
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, path)

@@ -300,7 +300,7 @@ def _stat_signer(files: Sequence[Path]) -> Callable[[int], str]:
 
 
 def _array_signature(image: np.ndarray) -> str:
-    digest = hashlib.blake2b(np.ascontiguousarray(image), digest_size=12).hexdigest()
+    digest = hashlib.blake2b(image.tobytes(), digest_size=12).hexdigest()
     return f"{image.shape[0]}x{image.shape[1]}:{digest}"
 
 
