@@ -23,7 +23,7 @@ from app.api.routes import datasets, gallery, health, jobs, pages, predict
 from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
 from app.db.migrate import upgrade_to_head
-from app.dispatch import make_dispatcher
+from app.runner.dispatch import make_dispatcher
 from app.storage import Storage
 
 __all__ = ["create_app", "serve"]

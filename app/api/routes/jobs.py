@@ -20,7 +20,7 @@ from app.auth import CurrentOwner
 from app.db.models import Assignment, Cluster, Job, JobStatus, Owner, ResultSet, utcnow
 from app.db.models import Image as ImageRow
 from app.db.session import get_sessionmaker
-from app.dispatch import DispatchError
+from app.runner.dispatch import DispatchError
 from app.schemas import (
     AssignmentPublic,
     AssignmentsPublic,
