@@ -19,11 +19,11 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from app.api.routes import datasets, gallery, health, jobs, pages, predict
+from app.api.routes import datasets, gallery, health, jobs, pages, predict, results
 from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
 from app.db.migrate import upgrade_to_head
-from app.dispatch import make_dispatcher
+from app.runner.dispatch import make_dispatcher
 from app.storage import Storage
 
 __all__ = ["create_app", "serve"]
@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api = APIRouter(prefix=API_PREFIX)
     api.include_router(datasets.router)
     api.include_router(jobs.router)
+    api.include_router(results.router)
     api.include_router(gallery.router)
     api.include_router(predict.router)
     app.include_router(api)

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app.auth import LOCAL_OWNER, AuthError, CurrentOwner, owner_for_key
 from app.core.config import Settings
 from app.db.session import get_sessionmaker
-from app.dispatch import CeleryDispatcher, EmbeddedDispatcher
+from app.runner.dispatch import CeleryDispatcher, EmbeddedDispatcher
 from app.storage import Storage
 
 __all__ = ["SettingsDep", "SessionDep", "StorageDep", "DispatcherDep", "OwnerDep", "api_key_of"]

@@ -1,4 +1,5 @@
-"""Result endpoints over results stored by app.jobs.save_results (real engine result objects)."""
+"""Result endpoints over results stored by app.runner.results.save_results (real engine
+result objects)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def finished_job(client: TestClient, dataset: dict[str, Any], make_job: Any) -> 
     """A succeeded job with result sets for C = 3 and C = 5 (cluster 4 of C = 5 empty)."""
     from app.core.config import get_settings
     from app.db.session import get_sessionmaker
-    from app.jobs import save_results
+    from app.runner.results import save_results
     from app.storage import Storage
     from scan_engine.results import PipelineResult
 
@@ -172,7 +173,7 @@ def test_unknown_cluster_count_is_404_listing_the_available(
 def test_prototype_in_an_odd_format_is_served_as_png(client: TestClient, make_job: Any) -> None:
     from app.core.config import get_settings
     from app.db.session import get_sessionmaker
-    from app.jobs import save_results
+    from app.runner.results import save_results
     from app.storage import Storage
     from scan_engine.results import PipelineResult
 

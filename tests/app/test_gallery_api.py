@@ -13,12 +13,13 @@ JOBS = "/api/v1/jobs"
 
 @pytest.fixture
 def finished_job(client: TestClient, dataset: dict[str, Any], make_job: Any) -> dict[str, Any]:
-    """A succeeded job (K = 3) over the 36-image dataset, stored by app.jobs.save_results, with
-    its map stored by app.maps.save_embedding; engine order = reversed upload order."""
+    """A succeeded job (K = 3) over the 36-image dataset, stored by
+    app.runner.results.save_results, with its map stored by app.maps.save_embedding; engine
+    order = reversed upload order."""
     from app.core.config import get_settings
     from app.db.session import get_sessionmaker
-    from app.jobs import save_results
     from app.maps import save_embedding
+    from app.runner.results import save_results
     from app.storage import Storage
     from scan_engine.results import ClusteringResult, ClusterSummary, PipelineResult
 

@@ -1,4 +1,4 @@
-"""app.jobs.run_job and its callbacks, on the parts that do not need the engine's pipeline."""
+"""app.runner.run.run_job and its callbacks, on the parts that do not need the engine's pipeline."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _row(job_id: str) -> Any:
 
 
 def test_finished_jobs_are_left_alone(dataset: dict[str, Any], make_job: Any) -> None:
-    from app.jobs import run_job
+    from app.runner.run import run_job
 
     for status in ("succeeded", "failed", "cancelled"):
         job_id = make_job(
@@ -37,7 +37,7 @@ def test_finished_jobs_are_left_alone(dataset: dict[str, Any], make_job: Any) ->
 
 
 def test_cancel_before_start_cancels(dataset: dict[str, Any], make_job: Any) -> None:
-    from app.jobs import run_job
+    from app.runner.run import run_job
 
     job_id = make_job(dataset["id"], status="queued", cancel_requested=True)
     assert run_job(job_id) == "cancelled"
@@ -45,7 +45,7 @@ def test_cancel_before_start_cancels(dataset: dict[str, Any], make_job: Any) -> 
 
 
 def test_gives_up_after_max_attempts(dataset: dict[str, Any], make_job: Any) -> None:
-    from app.jobs import run_job
+    from app.runner.run import run_job
 
     job_id = make_job(dataset["id"], status="running", attempts=5, lease_expires_at=None)
     assert run_job(job_id) == "failed"
@@ -53,7 +53,7 @@ def test_gives_up_after_max_attempts(dataset: dict[str, Any], make_job: Any) -> 
 
 
 def test_bad_stored_config_fails_with_the_message(dataset: dict[str, Any], make_job: Any) -> None:
-    from app.jobs import run_job
+    from app.runner.run import run_job
 
     job_id = make_job(dataset["id"], overrides={"scan": {"epochs": -3}})
     assert run_job(job_id) == "failed"
@@ -65,7 +65,7 @@ def test_bad_stored_config_fails_with_the_message(dataset: dict[str, Any], make_
 def test_missing_stored_image_fails_the_job(
     client: TestClient, dataset: dict[str, Any], make_job: Any, data_dir: Path
 ) -> None:
-    from app.jobs import run_job
+    from app.runner.run import run_job
 
     first = client.get(f"/api/v1/datasets/{dataset['id']}/images").json()["items"][0]
     stored = next((data_dir / "datasets" / dataset["id"] / "images").glob("000000.*"))
@@ -79,7 +79,7 @@ def test_missing_stored_image_fails_the_job(
 def test_stop_flag_reads_cancel_and_shutdown(dataset: dict[str, Any], make_job: Any) -> None:
     from app.db.models import Job
     from app.db.session import get_sessionmaker, session_scope
-    from app.jobs import StopFlag
+    from app.runner.engine_callbacks import StopFlag
 
     job_id = make_job(dataset["id"], status="running")
     shutdown = threading.Event()
@@ -99,7 +99,7 @@ def test_stop_flag_reads_cancel_and_shutdown(dataset: dict[str, Any], make_job: 
 
 def test_progress_writer_throttles_and_times_stages(dataset: dict[str, Any], make_job: Any) -> None:
     from app.db.session import get_sessionmaker
-    from app.jobs import ProgressWriter
+    from app.runner.engine_callbacks import ProgressWriter
     from scan_engine.results import ProgressEvent
 
     job_id = make_job(dataset["id"], status="running")
@@ -119,7 +119,7 @@ def test_progress_writer_throttles_and_times_stages(dataset: dict[str, Any], mak
 def test_job_left_running_by_a_dead_worker_runs_again(
     dataset: dict[str, Any], make_job: Any
 ) -> None:
-    from app.jobs import run_job
+    from app.runner.run import run_job
 
     job_id = make_job(
         dataset["id"], status="running", attempts=1, overrides={"seed": -1.5}, lease_expires_at=None
@@ -132,7 +132,7 @@ def test_job_left_running_by_a_dead_worker_runs_again(
 def test_shutdown_leaves_the_job_queued_for_the_next_start(
     dataset: dict[str, Any], make_job: Any
 ) -> None:
-    from app.jobs import run_job
+    from app.runner.run import run_job
 
     job_id = make_job(dataset["id"])
     shutdown = threading.Event()

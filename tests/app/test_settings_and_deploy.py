@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -129,9 +130,49 @@ def test_compose_services_and_variables_match_the_settings() -> None:
     assert set(compose["volumes"]) == {"postgres-data", "redis-data", "scan-data"}
 
 
+def _dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, as Docker reads them: comment lines dropped (also
+    inside a continued instruction), lines ending in a backslash joined."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        keyword, _, arguments = (pending + stripped).partition(" ")
+        instructions.append((keyword.upper(), arguments.strip()))
+        pending = ""
+    return instructions
+
+
 def test_dockerfile_installs_the_project_and_runs_the_service() -> None:
-    dockerfile = (REPO / "Dockerfile").read_text()
-    for copied in ("scan_engine", "app", "worker", "migrations", "alembic.ini", "pyproject.toml"):
-        assert copied in dockerfile
-    assert "pip install -e ." in dockerfile and 'CMD ["scan-service"]' in dockerfile
-    assert "DATA_DIR=/data" in dockerfile
+    instructions = _dockerfile_instructions((REPO / "Dockerfile").read_text())
+    copy_at = {}  # source -> index of the COPY instruction
+    for index, (keyword, arguments) in enumerate(instructions):
+        if keyword == "COPY":
+            for source in shlex.split(arguments)[:-1]:  # the last one is the destination
+                copy_at[source] = index
+    needed = ("scan_engine", "app", "worker", "migrations", "alembic.ini", "pyproject.toml")
+    assert set(needed) <= set(copy_at), set(needed) - set(copy_at)
+    install_at = [
+        index
+        for index, (keyword, arguments) in enumerate(instructions)
+        if keyword == "RUN"
+        and any(
+            command.split() == ["pip", "install", "-e", "."] for command in arguments.split("&&")
+        )
+    ]
+    assert install_at, "no RUN pip install -e ."
+    assert all(copy_at[source] < install_at[0] for source in needed)  # installed once copied
+    commands = [arguments for keyword, arguments in instructions if keyword == "CMD"]
+    assert commands and commands[-1] == '["scan-service"]'  # the last CMD is the one that runs
+    environment = dict(
+        pair.split("=", 1)
+        for keyword, arguments in instructions
+        if keyword == "ENV"
+        for pair in shlex.split(arguments)
+    )
+    assert environment["DATA_DIR"] == "/data"

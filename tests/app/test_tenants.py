@@ -73,7 +73,7 @@ def _finish_with_results(job_id: str, image_ids: list[str]) -> None:
     from app.core.config import get_settings
     from app.db.models import Job
     from app.db.session import get_sessionmaker, session_scope
-    from app.jobs import save_results
+    from app.runner.results import save_results
     from app.storage import Storage
     from scan_engine.results import ClusteringResult, ClusterSummary, PipelineResult
 

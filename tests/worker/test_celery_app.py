@@ -1,4 +1,4 @@
-"""The Celery app's configuration and the thin task over app.jobs.run_job."""
+"""The Celery app's configuration and the thin task over app.runner.run.run_job."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_configuration_follows_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     from app.core.config import get_settings
-    from app.dispatch import TASK_NAME
-    from worker.celery_app import create_celery_app
+    from app.runner.celery_app import TASK_NAME, create_celery_app
 
     use_settings(
         monkeypatch,
@@ -42,7 +41,7 @@ def test_configuration_follows_the_settings(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_task_is_registered_under_the_dispatch_name() -> None:
-    from app.dispatch import TASK_NAME
+    from app.runner.celery_app import TASK_NAME
     from worker.celery_app import celery_app
     from worker.tasks import run_scan_job
 

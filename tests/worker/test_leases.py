@@ -31,7 +31,7 @@ def _row(job_id: str) -> Any:
 
 
 def _dead_local_holder() -> str:
-    from app.leases import local_holder
+    from app.runner.leases import local_holder
 
     process = subprocess.Popen(["true"])
     process.wait()  # reaped: the pid names no process now
@@ -41,7 +41,7 @@ def _dead_local_holder() -> str:
 def test_exactly_one_of_many_concurrent_claims_wins(make_job: Any) -> None:
     from app.core.config import get_settings
     from app.db.session import get_sessionmaker
-    from app.jobs import _claim
+    from app.runner.claim import claim_job
 
     job_id = make_job("running", **EXPIRED, attempts=1)
     factory, settings = get_sessionmaker(), get_settings()
@@ -50,7 +50,7 @@ def test_exactly_one_of_many_concurrent_claims_wins(make_job: Any) -> None:
 
     def claim(holder: str) -> None:
         start.wait()
-        if _claim(job_id, factory, settings, holder) is not None:
+        if claim_job(job_id, factory, settings, holder) is not None:
             won.append(holder)
 
     threads = [threading.Thread(target=claim, args=(f"h:{i}:t",)) for i in range(8)]
@@ -65,7 +65,7 @@ def test_exactly_one_of_many_concurrent_claims_wins(make_job: Any) -> None:
 
 
 def test_second_delivery_of_a_running_job_touches_nothing(make_job: Any) -> None:
-    from app.jobs import run_job
+    from app.runner.run import run_job
 
     job_id = make_job("running", **LIVE, attempts=1, stage="scan", progress=0.5)
     before = _row(job_id)
@@ -79,23 +79,23 @@ def test_second_delivery_of_a_running_job_touches_nothing(make_job: Any) -> None
 def test_expired_or_dead_leases_are_taken_over(make_job: Any) -> None:
     from app.core.config import get_settings
     from app.db.session import get_sessionmaker
-    from app.jobs import _claim
-    from app.leases import local_holder
+    from app.runner.claim import claim_job
+    from app.runner.leases import local_holder
 
     factory, settings = get_sessionmaker(), get_settings()
     expired = make_job("running", **EXPIRED, attempts=1)
-    assert _claim(expired, factory, settings, "new:1:a") is not None
+    assert claim_job(expired, factory, settings, "new:1:a") is not None
     assert _row(expired).lease_owner == "new:1:a" and _row(expired).attempts == 2
     # A killed worker on this host: taken over at once, without waiting for the expiry.
     dead = make_job(
         "running", lease_owner=_dead_local_holder(), lease_expires_at=NOW + timedelta(hours=1)
     )
-    assert _claim(dead, factory, settings, "new:1:b") is not None
+    assert claim_job(dead, factory, settings, "new:1:b") is not None
     # A live lease of another live process of this host is not, nor one of another container
     # that happens to share the host name (another pid namespace).
     for holder in (local_holder(1, "init"), f"{socket.gethostname()}:999999:other-ns:t"):
         alive = make_job("running", lease_owner=holder, lease_expires_at=NOW + timedelta(hours=1))
-        assert _claim(alive, factory, settings, "new:1:c") is None
+        assert claim_job(alive, factory, settings, "new:1:c") is None
         assert _row(alive).lease_owner == holder
 
 
@@ -104,7 +104,7 @@ def test_heartbeat_renews_the_lease_and_notices_its_loss(make_job: Any) -> None:
 
     from app.db.models import Job
     from app.db.session import get_sessionmaker, session_scope
-    from app.leases import Heartbeat
+    from app.runner.leases import Heartbeat
 
     job_id = make_job("running", lease_owner="me:1:x", lease_expires_at=NOW)
     heartbeat = Heartbeat(get_sessionmaker(), job_id, "me:1:x", lease_s=30, interval_s=0.1)
@@ -127,14 +127,16 @@ def test_a_worker_without_the_lease_writes_nothing(make_job: Any) -> None:
 
     from app.core.config import get_settings
     from app.db.session import get_sessionmaker
-    from app.jobs import ProgressWriter, _finish, save_results
+    from app.runner.claim import finish_job
+    from app.runner.engine_callbacks import ProgressWriter
+    from app.runner.results import save_results
     from app.storage import Storage
     from scan_engine.results import PipelineResult, ProgressEvent
 
     job_id = make_job("running", **LIVE, stage="pretext", progress=0.1)
     factory = get_sessionmaker()
     ProgressWriter(job_id, factory, 0, holder="stale:1:z")(ProgressEvent("scan", 0.5, 0.9, 1.0))
-    _finish(factory, job_id, "failed", "boom", holder="stale:1:z")
+    finish_job(factory, job_id, "failed", "boom", holder="stale:1:z")
     empty = PipelineResult([], {}, {}, {}, [], {}, embedding_2d=np.zeros((0, 2), np.float32))
     storage = Storage(get_settings().DATA_DIR)
     assert save_results(factory, job_id, [], empty, storage, holder="stale:1:z") == "running"
@@ -147,7 +149,7 @@ def test_reaper_requeues_fails_or_cancels_stale_jobs(
 ) -> None:
     from app.core.config import get_settings
     from app.db.session import get_sessionmaker
-    from app.reaper import reap_stale_jobs
+    from app.runner.reaper import reap_stale_jobs
 
     use_settings(
         monkeypatch,

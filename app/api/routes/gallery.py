@@ -1,4 +1,5 @@
-"""/api/v1/jobs/{id}/...: the two reads the gallery needs that the results API lacks.
+"""/api/v1/jobs/{id}/...: the two reads the gallery needs that the results API
+(app.api.routes.results) lacks.
 
 - a cluster's members, most confident first, one page at a time (the assignments endpoint pages
   in image order);
@@ -13,11 +14,10 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query
-from sqlalchemy import func, select
 
+from app import crud
 from app.api.deps import OwnerDep, SessionDep, StorageDep
-from app.api.routes.jobs import assignment_page, owned_result_set
-from app.db.models import Assignment
+from app.api.owned import get_owned_result_set
 from app.maps import load_embedding
 from app.schemas import AssignmentsPublic, MapPublic, Message
 
@@ -46,10 +46,10 @@ def get_cluster_members(
     limit: int = Query(60, ge=1, le=1000),
 ) -> AssignmentsPublic:
     """The images of one cluster, most confident first (ties in image order), one page."""
-    result_set = owned_result_set(session, job_id, num_clusters, owner)
+    result_set = get_owned_result_set(session, owner, job_id, num_clusters)
     if not 0 <= cluster_index < result_set.num_clusters:
         raise HTTPException(404, f"cluster {cluster_index} not found (C={result_set.num_clusters})")
-    return assignment_page(
+    return crud.assignment_page(
         session, job_id, result_set, cluster_index, offset, limit, most_confident_first=True
     )
 
@@ -64,27 +64,23 @@ def get_map(
     limit: int = Query(5000, ge=1, le=MAP_MAX_POINTS, description="At most this many points."),
 ) -> MapPublic:
     """A uniform sample (the same on every request) of the 2-D projection of the final features."""
-    result_set = owned_result_set(session, job_id, num_clusters, owner)
+    result_set = get_owned_result_set(session, owner, job_id, num_clusters)
     embedding = load_embedding(storage, job_id)  # (N, 2) float32, row p = image at position p
     if embedding is None:
         raise HTTPException(404, f"job {job_id} has no stored 2-D map")
-    in_set = Assignment.result_set_id == result_set.id
-    total = session.scalar(select(func.count()).select_from(Assignment).where(in_set)) or 0
+    total = crud.assignment_count(session, result_set.id)
     if embedding.ndim != 2 or embedding.shape != (total, 2):
         logger.warning(
             "map does not match the assignments",
             extra={"job_id": job_id, "shape": list(embedding.shape), "rows": total},
         )
         raise HTTPException(404, f"the stored map of job {job_id} does not match its images")
-    query = select(
-        Assignment.position, Assignment.image_id, Assignment.cluster, Assignment.confidence
-    ).where(in_set)
+    picked: list[int] | None = None
     if total > limit:
         # A fixed seed: the picture must not shimmer between reloads. Only the sampled rows are
         # read (positions are 0..N-1), so a 50,000-image job costs a 5,000-row query.
-        picked = np.random.default_rng(0).choice(total, size=limit, replace=False)
-        query = query.where(Assignment.position.in_(np.sort(picked).tolist()))
-    rows = session.execute(query.order_by(Assignment.position)).all()
+        picked = np.sort(np.random.default_rng(0).choice(total, size=limit, replace=False)).tolist()
+    rows = crud.assignment_points(session, result_set.id, picked)
     positions = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))  # (M,)
     if len(rows) and positions[-1] >= total:
         raise HTTPException(404, f"the stored map of job {job_id} does not match its images")

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
 from app.db.models import Job, JobStatus, utcnow
-from app.leases import lease_is_free, lease_unchanged_clause
+from app.runner.leases import lease_is_free, lease_unchanged_clause
 
 __all__ = ["reap_stale_jobs", "Reaper"]
 
@@ -38,7 +38,8 @@ def _when(value: object) -> str:
 def reap_stale_jobs(
     factory: sessionmaker[Session], settings: Settings, enqueue: Callable[[str], None]
 ) -> list[str]:
-    """One pass; the ids of the jobs sent to the queue again."""
+    """One pass; the ids of the jobs sent to the queue again through `enqueue` (a dispatcher's,
+    app.runner.dispatch: the embedded pool's submit or the Celery send)."""
     now = utcnow()
     resend: list[str] = []
     with factory() as session:

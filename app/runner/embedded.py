@@ -1,8 +1,8 @@
-"""In-process job runner for the embedded mode: a thread pool executing app.jobs.run_job.
+"""In-process job runner for the embedded mode: a thread pool executing app.runner.run.run_job.
 
 One thread by default (jobs use every core anyway). At start it resumes jobs left queued or
 running by a previous process (a killed process's leases are recognised as dead); a reaper
-thread (app.reaper) then re-runs jobs whose worker stopped, every REAPER_INTERVAL_S. At
+thread (app.runner.reaper) then re-runs jobs whose worker stopped, every REAPER_INTERVAL_S. At
 shutdown it asks running jobs to stop at their next step and leaves them queued, so the next
 start resumes them from their checkpoints.
 """
@@ -18,8 +18,8 @@ from sqlalchemy import select
 from app.core.config import Settings, get_settings
 from app.db.models import Job, JobStatus
 from app.db.session import get_sessionmaker
-from app.jobs import run_job
-from app.reaper import Reaper, reap_stale_jobs
+from app.runner.reaper import Reaper, reap_stale_jobs
+from app.runner.run import run_job
 
 __all__ = ["EmbeddedWorker"]
 

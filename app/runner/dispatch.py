@@ -1,41 +1,32 @@
 """Hand a committed job to whatever runs jobs: the embedded thread pool or Celery (JOB_RUNNER).
 
 The API commits the job row first and enqueues second, so a worker never sees an unknown id.
-The Celery route sends the task by name: the API never imports the worker's task module.
+The Celery route sends the task by name (app.runner.celery_app.TASK_NAME): the sender never
+imports the worker's task module. The reaper re-sends jobs through the same `enqueue`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from typing import TYPE_CHECKING
 
 from app.core.config import Settings
-from app.embedded_worker import EmbeddedWorker
+from app.runner.celery_app import TASK_NAME, create_celery_app
+from app.runner.embedded import EmbeddedWorker
 
-__all__ = ["Dispatcher", "EmbeddedDispatcher", "CeleryDispatcher", "make_dispatcher", "TASK_NAME"]
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["DispatchError", "EmbeddedDispatcher", "CeleryDispatcher", "make_dispatcher"]
 
 logger = logging.getLogger(__name__)
 
-TASK_NAME = "worker.tasks.run_scan_job"
 # A request waits at most a couple of seconds for the broker before answering 503.
 _PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 
 
 class DispatchError(RuntimeError):
     """The job could not be handed to a worker (broker down...)."""
-
-
-class Dispatcher(Protocol):
-    kind: str
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def enqueue(self, job_id: str) -> None: ...
-
-    def check(self, timeout_s: float) -> None:
-        """Raise when jobs cannot be dispatched (used by /readyz)."""
 
 
 class EmbeddedDispatcher:
@@ -57,24 +48,24 @@ class EmbeddedDispatcher:
             raise DispatchError(str(error)) from error
 
     def check(self, timeout_s: float) -> None:
+        """Raise when jobs cannot be dispatched (used by /readyz)."""
         if not self.worker.alive:
             raise DispatchError("embedded worker is not running")
 
 
 class CeleryDispatcher:
+    """Sends jobs to the Celery queue. `celery`: an app to send with (a worker passes its own);
+    by default one is made from `settings` when first needed."""
+
     kind = "celery"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, celery: Celery | None = None) -> None:
         self.settings = settings
-        self._celery: Any = None
+        self._celery = celery
+        self._owns_celery = celery is None
 
-    def _app(self) -> Any:
-        # A producer configured like the workers (worker.celery_app), from this app's settings
-        # rather than the module-level app built at import. Imported late: only this runner
-        # needs Celery.
+    def _app(self) -> Celery:
         if self._celery is None:
-            from worker.celery_app import create_celery_app
-
             self._celery = create_celery_app(self.settings)
         return self._celery
 
@@ -82,7 +73,7 @@ class CeleryDispatcher:
         pass
 
     def stop(self) -> None:
-        if self._celery is not None:
+        if self._celery is not None and self._owns_celery:
             self._celery.close()  # release the broker connection pool
 
     def enqueue(self, job_id: str) -> None:
@@ -100,6 +91,7 @@ class CeleryDispatcher:
             raise DispatchError(f"could not reach the job queue: {error}") from error
 
     def check(self, timeout_s: float) -> None:
+        """Raise when the broker does not answer within `timeout_s` (used by /readyz)."""
         with self._app().connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, timeout=timeout_s)
 

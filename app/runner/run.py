@@ -1,0 +1,131 @@
+"""Run one clustering job: the single job function the embedded worker and the Celery task call.
+
+`run_job(job_id)` claims the job (app.runner.claim: takes its lease, reads its images), loads
+the stored images with scan_engine.data.load_files, builds the config with make_config, runs
+scan_engine.pipeline.run in DATA_DIR/jobs/<id>/work (a rerun resumes from the checkpoints
+there) with the callbacks of app.runner.engine_callbacks, and stores the results
+(app.runner.results). A heartbeat thread renews the lease; every write is conditional on still
+holding it. Idempotent: a finished job is left alone and a job running under another worker's
+live lease is not touched, so a redelivered task is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.core.config import Settings, get_settings
+from app.db.models import Job, JobStatus
+from app.db.session import get_sessionmaker
+from app.runner.claim import ClaimedJob, claim_job, finish_job, requeue_after_shutdown
+from app.runner.engine_callbacks import ProgressWriter, StopFlag
+from app.runner.leases import Heartbeat, new_holder
+from app.runner.results import save_results
+from app.storage import Storage
+from scan_engine.results import StopRequested
+
+__all__ = ["run_job"]
+
+logger = logging.getLogger(__name__)
+
+
+def _run_pipeline(
+    claimed: ClaimedJob,
+    factory: sessionmaker[Session],
+    settings: Settings,
+    storage: Storage,
+    stop: StopFlag,
+    holder: str | None = None,
+) -> str:
+    """Load the claimed job's images, run the engine pipeline, store the results; the status."""
+    # Imported here: the engine (and torch) load only in processes that run jobs.
+    from scan_engine.config import make_config
+    from scan_engine.data import load_files
+
+    config = make_config(
+        claimed.preset,
+        num_clusters=claimed.num_clusters,
+        overcluster=claimed.overcluster,
+        **claimed.overrides,
+    )
+    entries = [
+        (image_id, storage.abspath(path))
+        for image_id, path in zip(claimed.image_ids, claimed.stored_paths, strict=True)
+    ]
+    collection = load_files(
+        entries,
+        image_size=config.image_size,
+        labels=claimed.labels,
+        class_names=claimed.class_names,
+    )
+    if collection.skipped:
+        first = collection.skipped[0]
+        raise RuntimeError(
+            f"{len(collection.skipped)} stored images could not be read "
+            f"(first: {first.path}: {first.reason})"
+        )
+    from scan_engine import pipeline  # type: ignore[attr-defined,unused-ignore]
+
+    work_dir = storage.abspath(claimed.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    writer = ProgressWriter(claimed.job_id, factory, settings.PROGRESS_INTERVAL_S, holder)
+    result = pipeline.run(
+        collection,
+        config,
+        work_dir,
+        progress=writer,
+        should_stop=stop,
+        device=settings.JOB_DEVICE or None,
+    )
+    return save_results(factory, claimed.job_id, list(collection.ids), result, storage, holder)
+
+
+def run_job(job_id: str, *, shutdown: threading.Event | None = None) -> str | None:
+    """Run job `job_id` to the end; its final status (None when the job does not exist).
+
+    StopRequested from a cancel -> "cancelled"; from `shutdown` (embedded worker stopping) ->
+    back to "queued" to resume later; from a lost lease -> the job is left to the worker that
+    holds it now; any other exception -> "failed" with the error text. A job this call cannot
+    take (finished, or running under another worker's live lease) is left as it is and its
+    status returned.
+    """
+    settings = get_settings()
+    storage = Storage(settings.DATA_DIR)
+    factory = get_sessionmaker()
+    holder = new_holder()
+    claimed = claim_job(job_id, factory, settings, holder)
+    if claimed is None:
+        with factory() as session:
+            return session.scalar(select(Job.status).where(Job.id == job_id))
+    logger.info("job started", extra={"job_id": job_id, "holder": holder})
+    heartbeat = Heartbeat(
+        factory, job_id, holder, settings.JOB_LEASE_S, settings.JOB_HEARTBEAT_S
+    ).start()
+    stop = StopFlag(
+        job_id, factory, settings.CANCEL_CHECK_INTERVAL_S, shutdown, lease_lost=heartbeat.lost
+    )
+    try:
+        status = _run_pipeline(claimed, factory, settings, storage, stop, holder)
+    except StopRequested:
+        if heartbeat.lost.is_set():
+            logger.warning("job lease lost; left to its new holder", extra={"job_id": job_id})
+            with factory() as session:
+                return session.scalar(select(Job.status).where(Job.id == job_id))
+        if shutdown is not None and shutdown.is_set() and not stop.cancelled:
+            requeue_after_shutdown(factory, job_id, holder)
+            logger.info("job interrupted by shutdown", extra={"job_id": job_id})
+            return JobStatus.QUEUED
+        finish_job(factory, job_id, JobStatus.CANCELLED, holder=holder)
+        logger.info("job cancelled", extra={"job_id": job_id})
+        return JobStatus.CANCELLED
+    except Exception as error:
+        logger.exception("job failed", extra={"job_id": job_id})
+        finish_job(factory, job_id, JobStatus.FAILED, f"{type(error).__name__}: {error}", holder)
+        return JobStatus.FAILED
+    finally:
+        heartbeat.stop()
+    logger.info("job finished", extra={"job_id": job_id, "status": status})
+    return status
