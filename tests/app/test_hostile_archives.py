@@ -407,3 +407,18 @@ def test_a_zip_without_a_usable_image(door: Door, entries: dict[str, bytes]) -> 
         assert set(outcome.skipped) == ({"readme.txt"} if "readme.txt" in entries else set())
         return
     _refused(door, payload, NO_IMAGE, "no usable image" if "readme.txt" in entries else "image")
+
+
+def test_the_engine_defaults_are_the_service_defaults_and_the_settings_reach_the_rules() -> None:
+    from app.core.config import Settings
+    from app.uploads import archive_limits
+
+    defaults = Settings.model_fields
+    limits = ArchiveLimits()
+    assert limits.max_entries == defaults["MAX_ZIP_ENTRIES"].default
+    assert limits.max_total_bytes == defaults["MAX_UNCOMPRESSED_BYTES"].default
+    assert limits.max_entry_bytes == defaults["MAX_ENTRY_BYTES"].default
+    assert limits.max_compression_ratio == defaults["MAX_COMPRESSION_RATIO"].default
+    settings = Settings(_env_file=None, **SETTINGS_LIMITS)  # type: ignore[call-arg, arg-type]
+    assert archive_limits(settings) == CLI_LIMITS
+    assert archive_limits(settings, max_entries=3).max_entries == 3
