@@ -59,11 +59,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# HEIC/HEIF (phone photos) through libheif; registering twice is harmless, once is enough.
+# HEIC/HEIF (phone photos) decoded by libheif; registered here, once, for every engine decoder.
 pillow_heif.register_heif_opener()
 # Pillow formats we open. A whitelist keeps exotic decoders (EPS runs Ghostscript) off user input.
 # "JPEG" also opens the multi-picture JPEGs (format "MPO") that many cameras write. AVIF is
-# Pillow's own plugin (11.2 and later, when built with libavif): pillow-heif 1.x dropped it.
+# Pillow's own plugin, present when Pillow is built with libavif (pillow-heif 1.x dropped AVIF).
 SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "HEIF") + (
     ("AVIF",) if features.check("avif") else ()
 )
