@@ -3,8 +3,13 @@
 Every image becomes RGB uint8 with its shorter side resized to `image_size` and a centre crop,
 and a collection holds all of them once as a (N, 3, S, S) uint8 tensor with a stable id and the
 original relative path per image. Files that cannot be used (not an image, corrupt, too small,
-decompression bomb, unsafe or encrypted zip entry) are skipped and reported with the reason;
-they never stop the run. An empty collection (N = 0) is returned as such: the caller decides.
+decompression bomb, an entry the zip rules of scan_engine.archive refuse) are skipped and
+reported with the reason; they never stop the run. A zip over the archive limits, or not a zip,
+raises (scan_engine.archive.ArchiveError). An empty collection (N = 0) is returned as such: the
+caller decides.
+
+Formats: JPEG, PNG, WebP, BMP, GIF, TIFF, HEIC/HEIF (pillow-heif, registered on import) and AVIF
+(Pillow's own plugin, where this Pillow was built with it).
 
 Colour handling: EXIF orientation is applied; grayscale, palette, CMYK and 16-bit images are
 converted to RGB (16-bit values are scaled, 65535 -> 255, not clipped); transparent images are
@@ -17,7 +22,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import re
 import zipfile
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -27,14 +31,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pillow_heif
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
+
+from scan_engine.archive import ArchiveError, ArchiveLimits, EntryRefused, open_untrusted_zip
+from scan_engine.archive import folder_labels as _folder_label_lists
+from scan_engine.archive import is_ignored_name as _is_ignored
 
 __all__ = [
     "SUPPORTED_FORMATS",
     "MAX_IMAGE_PIXELS",
     "MAX_FILE_BYTES",
     "MIN_IMAGE_SIDE",
+    "NOT_AN_IMAGE",
     "SkippedFile",
     "ImageCollection",
     "ImageDecodeError",
@@ -49,24 +59,28 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# HEIC/HEIF (phone photos) decoded by libheif; registered here, once, for every engine decoder.
+pillow_heif.register_heif_opener()
 # Pillow formats we open. A whitelist keeps exotic decoders (EPS runs Ghostscript) off user input.
-# "JPEG" also opens the multi-picture JPEGs (format "MPO") that many cameras write.
-SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# "JPEG" also opens the multi-picture JPEGs (format "MPO") that many cameras write. AVIF is
+# Pillow's own plugin, present when Pillow is built with libavif (pillow-heif 1.x dropped AVIF).
+SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "HEIF") + (
+    ("AVIF",) if features.check("avif") else ()
+)
+NOT_AN_IMAGE = "not an image (or not JPEG/PNG/WebP/BMP/GIF/TIFF/HEIC" + (
+    "/AVIF)" if "AVIF" in SUPPORTED_FORMATS else ")"
+)
 # Pillow's own default (about 89.5 megapixels, a 1 GiB RGBA image); larger is a decompression bomb.
 MAX_IMAGE_PIXELS = 89_478_485
 # Bigger files (or zip entries) are refused before they are read into memory.
 MAX_FILE_BYTES = 100 * 1024 * 1024
 # Images with a shorter side below this carry no usable content (tracking pixels, spacers).
 MIN_IMAGE_SIDE = 8
-# Names skipped silently, like any file or folder whose name starts with a dot.
-IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 
 # Decoding threads: Pillow releases the GIL while decoding and resizing, so a few threads help;
 # results are written to fixed slots, so the outcome does not depend on thread timing.
 DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
 _IN_FLIGHT_PER_THREAD = 2  # bounds how many zip entries sit in memory at once
-
-_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
 @dataclass(frozen=True)
@@ -195,7 +209,7 @@ def decode_image(source: bytes | str | Path, image_size: int) -> np.ndarray:
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError("not an image (or not JPEG/PNG/WebP/BMP/GIF/TIFF)") from exc
+        raise ImageDecodeError(NOT_AN_IMAGE) from exc
     except MemoryError as exc:
         raise ImageDecodeError("out of memory while decoding") from exc
     except Exception as exc:  # Pillow plugins raise many types on malformed input
@@ -339,6 +353,8 @@ def _decode_jobs(
             except ImageDecodeError as exc:
                 reasons[index] = str(exc)
                 continue
+            except ArchiveError:  # the whole zip is refused (a lying header passed the limit)
+                raise
             except Exception as exc:  # unreadable zip entry: bad CRC, unsupported compression
                 reasons[index] = f"cannot read: {exc}"
                 continue
@@ -390,22 +406,12 @@ def _folder_labels(paths: Sequence[str]) -> tuple[np.ndarray | None, list[str] |
     When every image sits under one common wrapping folder with class folders inside (what zipping
     a folder usually produces: photos/cat/1.jpg), the wrapper is looked through.
     """
-    parts = [path.split("/") for path in paths]
-    if not parts or any(len(p) < 2 for p in parts):
-        if parts:
+    labels, class_names = _folder_label_lists(paths)
+    if labels is None:
+        if paths:
             logger.info("some images are not inside a folder: no labels from folders")
         return None, None
-    depth = 0
-    if len({p[0] for p in parts}) == 1 and all(len(p) >= 3 for p in parts):
-        depth = 1
-    class_names = sorted({p[depth] for p in parts})
-    index = {name: i for i, name in enumerate(class_names)}
-    labels = np.array([index[p[depth]] for p in parts], dtype=np.int64)
-    return labels, class_names
-
-
-def _is_ignored(name: str) -> bool:
-    return name.startswith(".") or name in IGNORED_NAMES
+    return np.array(labels, dtype=np.int64), class_names
 
 
 def load_folder(
@@ -442,56 +448,34 @@ def _regular_file_reader(path: Path) -> Callable[[], Path]:
     return read
 
 
-def _zip_member_path(name: str) -> tuple[str | None, str | None]:
-    """(normalised relative path, None), (None, reason) when unsafe, or (None, None) to ignore."""
-    name = name.replace("\\", "/")  # some Windows tools write backslashes
-    if "\x00" in name:
-        return None, "unsafe path (NUL character)"
-    if name.startswith("/") or _WINDOWS_DRIVE.match(name):
-        return None, "unsafe path (absolute)"
-    parts = [part for part in name.split("/") if part not in ("", ".")]
-    if ".." in parts:
-        return None, "unsafe path (..)"
-    if not parts or any(_is_ignored(part) for part in parts):
-        return None, None
-    return "/".join(parts), None
-
-
 def load_zip(
-    path: str | Path, image_size: int = 32, labels_from_folders: bool = False
+    path: str | Path,
+    image_size: int = 32,
+    labels_from_folders: bool = False,
+    limits: ArchiveLimits | None = None,
 ) -> ImageCollection:
     """Load every image in a zip archive, reading entries into memory one at a time.
 
-    Ids and paths are the entries' normalised relative paths, sorted. Directories, "__MACOSX/" and
-    hidden entries are ignored; entries with unsafe paths ("..", absolute), encrypted, duplicate,
-    oversized or unreadable entries are skipped with a reason. Raises zipfile.BadZipFile when
-    `path` is not a zip archive.
+    Ids and paths are the entries' normalised relative paths, sorted. The rules and `limits`
+    (default ArchiveLimits()) of scan_engine.archive apply: directories, "__MACOSX/" and hidden
+    entries are ignored; unsafe paths, duplicates, encrypted entries, symbolic links, nested
+    archives, oversized or unreadable entries are skipped with a reason. Raises NotAZipError (a
+    zipfile.BadZipFile) when `path` is not a zip and ArchiveLimitError when it is over a limit.
     """
     path = Path(path)
-    skipped: list[SkippedFile] = []
-    with zipfile.ZipFile(path) as archive:
-        members: dict[str, zipfile.ZipInfo] = {}
-        for info in archive.infolist():
-            if info.is_dir():
-                continue
-            relative, problem = _zip_member_path(info.filename)
-            if problem is not None:
-                skipped.append(SkippedFile(info.filename, problem))
-            elif relative is None:
-                continue
-            elif relative in members:
-                skipped.append(SkippedFile(info.filename, "duplicate path in the zip"))
-            elif info.flag_bits & 0x1:
-                skipped.append(SkippedFile(relative, "encrypted zip entry"))
-            elif info.file_size > MAX_FILE_BYTES:
-                skipped.append(SkippedFile(relative, f"file too large ({info.file_size} bytes)"))
-            else:
-                members[relative] = info
+    with open_untrusted_zip(path, limits) as archive:
+        skipped = [SkippedFile(entry.path, entry.reason) for entry in archive.refused]
 
-        def reader(info: zipfile.ZipInfo) -> Callable[[], bytes]:
-            return lambda: archive.read(info)
+        def reader(relative: str) -> Callable[[], bytes]:
+            def read() -> bytes:
+                try:
+                    return archive.read(relative)
+                except EntryRefused as refused:
+                    raise ImageDecodeError(str(refused)) from None
 
-        jobs = [_Job(rel, rel, reader(members[rel])) for rel in sorted(members)]
+            return read
+
+        jobs = [_Job(rel, rel, reader(rel)) for rel in archive.members]
         return _collect(jobs, image_size, skipped, labels_from_folders, str(path))
 
 

@@ -210,3 +210,50 @@ def test_unknown_ids_are_404_with_a_message(client: TestClient, dataset: dict[st
     other = upload_zip(client, zip_bytes({"x.png": png_bytes()})).json()
     image_id = client.get(f"/api/v1/datasets/{other['id']}/images").json()["items"][0]["id"]
     assert client.get(f"/api/v1/datasets/{dataset['id']}/images/{image_id}").status_code == 404
+
+
+def _phone_photos() -> dict[str, tuple[bytes, str]]:
+    """HEIC and HEIF written by pillow_heif (libheif), AVIF by Pillow's own plugin where built:
+    name -> (bytes, media type)."""
+    import numpy as np
+    import pillow_heif
+
+    from scan_engine.data import SUPPORTED_FORMATS
+
+    pixels = np.zeros((40, 60, 3), dtype=np.uint8)
+    pixels[:, :30], pixels[:, 30:] = (200, 100, 50), (30, 60, 220)
+    image = Image.fromarray(pixels)
+    photos: dict[str, tuple[bytes, str]] = {}
+    for name in ("phone/a.heic", "phone/b.heif"):
+        buffer = io.BytesIO()
+        pillow_heif.from_pillow(image).save(buffer, quality=90)
+        photos[name] = (buffer.getvalue(), "image/heif")
+    if "AVIF" in SUPPORTED_FORMATS:
+        buffer = io.BytesIO()
+        image.save(buffer, format="AVIF", quality=90)
+        photos["phone/c.avif"] = (buffer.getvalue(), "image/avif")
+    return photos
+
+
+def test_heic_and_avif_photos_are_accepted(client: TestClient, data_dir: Path) -> None:
+    photos = _phone_photos()
+    response = upload_zip(client, zip_bytes({name: data for name, (data, _) in photos.items()}))
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["image_count"] == len(photos) and body["skipped"] == []
+    items = client.get(f"/api/v1/datasets/{body['id']}/images").json()["items"]
+    assert [item["filename"] for item in items] == sorted(photos)
+    for item in items:
+        data, media_type = photos[item["filename"]]
+        assert item["media_type"] == media_type and (item["width"], item["height"]) == (60, 40)
+        url = f"/api/v1/datasets/{body['id']}/images/{item['id']}"
+        original = client.get(url)
+        assert original.content == data and original.headers["content-type"] == media_type
+        thumb = Image.open(io.BytesIO(client.get(url, params={"thumbnail": "true"}).content))
+        assert thumb.format == "JPEG" and thumb.size == (128, 128)
+        left, right = thumb.getpixel((10, 64)), thumb.getpixel((118, 64))
+        assert abs(left[0] - 200) < 12 and abs(right[2] - 220) < 12  # the photo, not noise
+    # Originals are stored under their format's extension (a .heif is HEIF like a .heic).
+    stored = [p.suffix for p in files_under(data_dir / "datasets") if p.parent.name == "images"]
+    expected = {"image/heif": ".heic", "image/avif": ".avif"}
+    assert sorted(stored) == sorted(expected[media_type] for _, media_type in photos.values())

@@ -74,7 +74,8 @@ def _mutate(data: bytes, flips: list[tuple[int, int]], cut: int | None) -> bytes
 
 def _check_extraction(payload: bytes) -> None:
     """Extract `payload` as the service does: an UploadError (4xx), or only safe images."""
-    from app.uploads import UploadError, _extract, _inspect_image
+    from app.uploads import UploadError
+    from app.uploads.ingest import _extract, _inspect_image
 
     settings = _settings()
     with tempfile.TemporaryDirectory() as folder:
@@ -101,9 +102,9 @@ def _check_extraction(payload: bytes) -> None:
 @FUZZ
 @given(st.text(max_size=120) | st.from_regex(r"[./\\A-Za-z:\x00-\x1f]{0,40}", fullmatch=True))
 def test_entry_names_never_escape_the_folder(name: str) -> None:
-    from app.uploads import _member_path
+    from scan_engine.archive import entry_path
 
-    relative, problem = _member_path(name)
+    relative, problem = entry_path(name)
     if relative is None:
         assert problem is None or problem  # ignored silently, or skipped with a reason
         return
@@ -159,7 +160,7 @@ def test_generated_zips_are_refused_or_yield_only_good_images(
 def test_damaged_images_are_usable_or_refused_with_a_reason(
     fmt: str, flips: list[tuple[int, int]], cut: int | None
 ) -> None:
-    from app.uploads import _inspect_image
+    from app.uploads.ingest import _inspect_image
     from scan_engine.data import ImageDecodeError, decode_image
 
     settings = _settings()
@@ -179,7 +180,7 @@ def test_damaged_images_are_usable_or_refused_with_a_reason(
 
 def test_the_base_zip_itself_is_accepted() -> None:
     """The fuzzing starts from a good upload: 3 images kept, the text file skipped."""
-    from app.uploads import _extract
+    from app.uploads.ingest import _extract
 
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)

@@ -183,12 +183,12 @@ def test_per_entry_limits_skip_the_entry(strict_client: TestClient) -> None:
 def test_entry_count_is_checked_before_the_directory_is_read(
     strict_client: TestClient, tmp_path: Path
 ) -> None:
-    from app.uploads import _declared_entry_count
+    from scan_engine.archive import declared_entry_count
 
     payload = zip_bytes({f"{i}.png": png_bytes() for i in range(5)})
     path = tmp_path / "five.zip"
     path.write_bytes(payload)
-    assert _declared_entry_count(path) == 5
+    assert declared_entry_count(path) == 5
     response = upload_zip(strict_client, payload)
     assert response.status_code == 413 and "5 entries" in response.json()["detail"]
 

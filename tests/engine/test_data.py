@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from scan_engine.data import (
+    SUPPORTED_FORMATS,
     ImageCollection,
     ImageDecodeError,
     SkippedFile,
@@ -95,6 +96,60 @@ def test_folder_loads_every_format_sorted(tmp_path):
     assert collection.images.shape == (6, 3, 16, 16)
     assert collection.images.dtype == torch.uint8 and collection.images.is_contiguous()
     assert collection.labels is None and collection.class_names is None
+
+
+def _two_colour_image() -> Image.Image:
+    """60x40: orange left, blue right, a grey bar; enough structure for a lossy codec to show."""
+    pixels = np.zeros((40, 60, 3), dtype=np.uint8)
+    pixels[:, :30] = ORANGE
+    pixels[:, 30:] = (30, 60, 220)
+    pixels[15:25] = (128, 128, 128)
+    return Image.fromarray(pixels)
+
+
+def _heic_bytes(image: Image.Image) -> bytes:
+    import pillow_heif
+
+    buffer = io.BytesIO()
+    pillow_heif.from_pillow(image).save(buffer, quality=90)  # libheif's own HEVC encoder
+    return buffer.getvalue()
+
+
+def _avif_bytes(image: Image.Image) -> bytes:
+    return encode(image, "AVIF", quality=90)  # Pillow's own AVIF plugin
+
+
+NEEDS_AVIF = pytest.mark.skipif(
+    "AVIF" not in SUPPORTED_FORMATS, reason="this Pillow is built without AVIF"
+)
+PHONE_FORMATS = [
+    pytest.param("photo.heic", _heic_bytes, b"ftypheic", id="heic"),
+    pytest.param("photo.heif", _heic_bytes, b"ftypheic", id="heif"),
+    pytest.param("photo.avif", _avif_bytes, b"ftypavif", id="avif", marks=NEEDS_AVIF),
+]
+
+
+@pytest.mark.parametrize(("name", "encoder", "brand"), PHONE_FORMATS)
+def test_heic_and_avif_load_from_bytes_folders_and_zips(tmp_path, name, encoder, brand):
+    image = _two_colour_image()
+    payload = encoder(image)
+    assert payload[4:12] == brand  # really that format, not a PNG under another name
+    reference = decode_image(encode(image, "PNG"), 16).astype(int)
+    decoded = decode_image(payload, 16)
+    assert decoded.shape == (16, 16, 3) and decoded.dtype == np.uint8
+    assert np.abs(decoded.astype(int) - reference).mean() < 4  # lossy, but the same picture
+
+    (tmp_path / "folder" / "phone").mkdir(parents=True)
+    (tmp_path / "folder" / "phone" / name).write_bytes(payload)
+    from_folder = load_folder(tmp_path / "folder", image_size=16)
+    zip_path = tmp_path / "phone.zip"
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        archive.writestr(f"phone/{name}", payload)
+    from_zip = load_zip(zip_path, image_size=16)
+    assert from_zip.paths == from_folder.paths == [f"phone/{name}"]
+    assert from_zip.skipped == from_folder.skipped == []
+    assert np.array_equal(from_zip.images[0].permute(1, 2, 0).numpy(), decoded)
+    assert torch.equal(from_zip.images, from_folder.images)
 
 
 def test_animated_gif_gives_the_first_frame(tmp_path):

@@ -4,6 +4,10 @@ retraining, and an overclustering merged down to fewer clusters.
 The job's model file (pipeline work folder, `model.pt`, see scan_engine.predict) holds the
 backbone, the kept head per C, the preprocessing and the cluster geometry that flags outliers.
 A job without one (not succeeded, or its file is gone) answers 409.
+
+Zips in the upload go through the same rules as dataset uploads (scan_engine.archive with the
+settings' limits, at most MAX_PREDICT_IMAGES entries): not a zip 400, over a limit 413, unsafe
+or unusable entries skipped with their reasons.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from app.core.config import Settings
 from app.db.models import Cluster, Job, JobStatus, ResultSet
 from app.schemas import Message, SkippedEntry
 from app.storage import Storage, StoragePathError
+from app.uploads import archive_limits, printable, refusal
 
 if TYPE_CHECKING:
     from scan_engine.predict import Predictor
@@ -149,56 +154,55 @@ def _check_merge(num_clusters: int, merge_to: int | None) -> None:
 # Reading the uploaded images
 
 
-def _check_zip(archive: zipfile.ZipFile, settings: Settings) -> None:
-    """Whole-archive zip-bomb limits, as for dataset uploads (413)."""
-    infos = [info for info in archive.infolist() if not info.is_dir()]
-    if len(infos) > MAX_PREDICT_IMAGES:
-        raise HTTPException(
-            413, f"the zip has {len(infos)} entries; the limit is {MAX_PREDICT_IMAGES}"
-        )
-    total = sum(info.file_size for info in infos)
-    if total > settings.MAX_UNCOMPRESSED_BYTES:
-        raise HTTPException(
-            413, f"the zip expands to {total} bytes; the limit is {settings.MAX_UNCOMPRESSED_BYTES}"
-        )
-    compressed = max(1, sum(info.compress_size for info in infos))
-    if total > 1024 * 1024 and total / compressed > settings.MAX_COMPRESSION_RATIO:
-        raise HTTPException(
-            413, f"zip compression ratio {total / compressed:.0f} is over the limit"
-        )
+def _is_zip(upload: UploadFile) -> bool:
+    """A zip by its name, first bytes or end record; a damaged one is refused, not decoded."""
+    from scan_engine.archive import looks_like_zip
+
+    upload.file.seek(0)
+    head = upload.file.read(4)
+    upload.file.seek(0)
+    named = (upload.filename or "").lower().endswith(".zip")
+    found = named or looks_like_zip(head) or zipfile.is_zipfile(upload.file)
+    upload.file.seek(0)
+    return found
 
 
 def _read_images(
     uploads: list[UploadFile], image_size: int, settings: Settings
 ) -> tuple[list[str], np.ndarray, list[SkippedEntry]]:
     """(filenames, images (N, S, S, 3) uint8, skipped) from image files and zips, in order."""
+    from scan_engine.archive import ArchiveLimitError, NotAZipError
     from scan_engine.data import MAX_FILE_BYTES, ImageDecodeError, decode_image, load_zip
 
+    limits = archive_limits(settings, max_entries=MAX_PREDICT_IMAGES)
     names: list[str] = []
     arrays: list[np.ndarray] = []
     skipped: list[SkippedEntry] = []
     for upload in uploads:
         name = upload.filename or "upload"
-        upload.file.seek(0)
-        if zipfile.is_zipfile(upload.file):
-            upload.file.seek(0)
+        if _is_zip(upload):
             with tempfile.NamedTemporaryFile(suffix=".zip") as copy:
                 while chunk := upload.file.read(1024 * 1024):
                     copy.write(chunk)
                 copy.flush()
-                with zipfile.ZipFile(copy.name) as archive:
-                    _check_zip(archive, settings)
-                collection = load_zip(copy.name, image_size)
+                try:
+                    collection = load_zip(copy.name, image_size, limits=limits)
+                except (NotAZipError, ArchiveLimitError) as error:
+                    status = refusal(error).status_code
+                    raise HTTPException(status, f"{name}: {error}") from None
             names += collection.paths
             arrays.append(collection.images.permute(0, 2, 3, 1).numpy())  # (n, S, S, 3)
-            skipped += [SkippedEntry(path=s.path, reason=s.reason) for s in collection.skipped]
+            skipped += [
+                SkippedEntry(path=printable(s.path), reason=printable(s.reason))
+                for s in collection.skipped
+            ]
         else:
             upload.file.seek(0)
             payload = upload.file.read(MAX_FILE_BYTES + 1)
             try:
                 array = decode_image(payload, image_size)  # (S, S, 3) uint8
             except ImageDecodeError as error:
-                skipped.append(SkippedEntry(path=name, reason=str(error)))
+                skipped.append(SkippedEntry(path=printable(name), reason=str(error)))
                 continue
             names.append(name)
             arrays.append(array[None])
