@@ -116,9 +116,14 @@ def efficientnet_pytorch_to_timm(state: StateDict, model: nn.Module) -> StateDic
     efficientnet_pytorch numbers blocks flat (`_blocks.0` … `_blocks.15`); timm nests them by
     stage (`blocks.0.0` … `blocks.6.0`), so the flat index is mapped through the model's stages.
     """
-    stages = getattr(model, "blocks", None)
-    if not isinstance(stages, nn.Sequential):
-        raise WeightsFileError(f"{type(model).__name__} is not a timm EfficientNet")
+    from timm.models.efficientnet import EfficientNet
+
+    if not isinstance(model, EfficientNet):
+        raise WeightsFileError(
+            f"the file holds EfficientNet weights (efficientnet_pytorch names), "
+            f"not weights for a {type(model).__name__}"
+        )
+    stages = model.blocks
     flat_to_nested = [
         (stage_index, block_index)
         for stage_index, stage in enumerate(stages)
@@ -133,7 +138,7 @@ def efficientnet_pytorch_to_timm(state: StateDict, model: nn.Module) -> StateDic
                 raise WeightsFileError(f"{key}: the model has only {len(flat_to_nested)} blocks")
             stage_index, block_index = flat_to_nested[flat]
             block = stages[stage_index][block_index]
-            expanded = hasattr(block, "conv_pwl")  # timm names the expansion block's last conv so
+            expanded = hasattr(block, "conv_pwl")  # an inverted residual: it has an expansion conv
             table = _EFFNET_BLOCK_EXPANDED if expanded else _EFFNET_BLOCK_SEPARABLE
             new_rest = _rename_prefix(rest, table)
             converted[f"blocks.{stage_index}.{block_index}.{new_rest}"] = value
@@ -165,7 +170,13 @@ def to_timm_layout(checkpoint: Mapping[str, object], model: nn.Module) -> StateD
         state = efficientnet_pytorch_to_timm(state, model)
     timm_filter = _timm_filter(model)
     if timm_filter is not None:
-        state = timm_filter(state, model)
+        try:
+            state = timm_filter(state, model)
+        except Exception as error:  # a filter meets another architecture's keys: KeyError, shapes
+            raise WeightsFileError(
+                f"timm's converter for {type(model).__name__} cannot read this checkpoint "
+                f"({type(error).__name__}: {error}); is it for another backbone?"
+            ) from None
     expected = model.state_dict()
     # Heads: timm's `head.` / `classifier.` / `fc.` (torchvision), or MoCo v2's `fc.0`/`fc.2` MLP.
     head_prefixes = ("head.", "classifier.", "fc.", "head_dist.")

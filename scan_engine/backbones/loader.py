@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from .hub import cached_hub_file, download_hub_file, hub_offline, hub_source_text
-from .layouts import load_strict, read_state_dict, to_timm_layout
+from .layouts import WeightsFileError, load_strict, read_state_dict, to_timm_layout
 from .registry import BackboneSpec, get_spec
 from .store import ModelsFolder, state_dict_sha256
 
@@ -89,8 +89,13 @@ def bundled_weights_file(spec: BackboneSpec) -> Path | None:
 
 
 def _load_file_into(model: nn.Module, spec: BackboneSpec, path: str | Path) -> None:
-    state = to_timm_layout(read_state_dict(path), model)
-    load_strict(model, state, what=f"{path} (for backbone {spec.name!r}, timm {spec.timm_model})")
+    what = f"{path} (for backbone {spec.name!r}, timm {spec.timm_model})"
+    try:
+        state = to_timm_layout(read_state_dict(path), model)
+    except WeightsFileError as error:
+        message = str(error)
+        raise WeightsFileError(message if str(path) in message else f"{what}: {message}") from None
+    load_strict(model, state, what=what)
 
 
 def _find_weights(
