@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from scan_engine.archive import entry_path
 from scan_engine.data import (
     MAX_FILE_BYTES,
     MAX_IMAGE_PIXELS,
@@ -38,7 +39,6 @@ from scan_engine.data import (
     _folder_labels,
     _is_ignored,
     _to_rgb,
-    _zip_member_path,
 )
 
 __all__ = ["ItemData", "ImageSources", "open_rgb", "open_sources"]
@@ -311,7 +311,7 @@ def _list_zip(archive: zipfile.ZipFile) -> tuple[dict[str, zipfile.ZipInfo], lis
     for info in archive.infolist():
         if info.is_dir():
             continue
-        relative, problem = _zip_member_path(info.filename)
+        relative, problem = entry_path(info.filename)
         if problem is not None:
             skipped.append(SkippedFile(info.filename, problem))
         elif relative is None:
