@@ -81,7 +81,8 @@ def test_zip_lists_entries_and_refuses_unsafe_ones(tmp_path: Path) -> None:
         assert sources.ids == ["photos/cat/a.png", "photos/dog/b.png", "photos/dog/broken.jpg"]
         assert sources.class_names == ["cat", "dog"]  # the wrapping folder is looked through
         assert sources.labels.tolist() == [0, 1, 1]
-        assert sources.skipped == [SkippedFile("../evil.png", "unsafe path: escapes the archive's folder (..)")]
+        reason = "unsafe path: escapes the archive's folder (..)"
+        assert sources.skipped == [SkippedFile("../evil.png", reason)]
         data = sources.read(1)
         assert isinstance(data, bytes)
         assert np.asarray(open_rgb(data, 8))[0, 0].tolist() == [0, 0, 255]
