@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pillow_heif
@@ -49,6 +49,7 @@ __all__ = [
     "ImageCollection",
     "ImageDecodeError",
     "decode_image",
+    "decode_with",
     "load_folder",
     "load_zip",
     "load_files",
@@ -58,6 +59,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+# What decode_with returns: whatever its converter makes of the opened picture.
+T = TypeVar("T")
 
 # HEIC/HEIF (phone photos) decoded by libheif; registered here, once, for every engine decoder.
 pillow_heif.register_heif_opener()
@@ -183,6 +186,15 @@ def decode_image(source: bytes | str | Path, image_size: int) -> np.ndarray:
     Raises ImageDecodeError with the reason when the file cannot be used.
     """
     image_size = _check_image_size(image_size)
+    return decode_with(source, lambda image: _to_square_rgb(image, image_size))
+
+
+def decode_with(source: bytes | str | Path, convert: Callable[[Image.Image], T]) -> T:
+    """Open one image file (its bytes or its path) and return `convert(opened image)`.
+
+    The one place that checks a file's size and turns every way Pillow can fail on hostile or
+    broken input into an ImageDecodeError with a reason a person can act on.
+    """
     if isinstance(source, bytes | bytearray | memoryview):
         if len(source) == 0:
             raise ImageDecodeError("empty file")
@@ -201,7 +213,7 @@ def decode_image(source: bytes | str | Path, image_size: int) -> np.ndarray:
         opened = source
     try:
         with Image.open(opened, formats=SUPPORTED_FORMATS) as image:
-            return _to_square_rgb(image, image_size)
+            return convert(image)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:

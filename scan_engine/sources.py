@@ -15,7 +15,6 @@ The decoding rules (formats, size limits, colour modes, EXIF orientation) are sc
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import threading
@@ -23,22 +22,21 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from scan_engine.archive import entry_path
 from scan_engine.data import (
     MAX_FILE_BYTES,
     MAX_IMAGE_PIXELS,
     MIN_IMAGE_SIDE,
-    SUPPORTED_FORMATS,
     ImageDecodeError,
     SkippedFile,
     _folder_labels,
     _is_ignored,
     _to_rgb,
+    decode_with,
 )
 
 __all__ = ["ItemData", "ImageSources", "open_rgb", "open_sources"]
@@ -364,37 +362,7 @@ def open_rgb(data: ItemData, min_side: int) -> Image.Image:
         if min(data.shape[:2]) < MIN_IMAGE_SIDE:
             raise ImageDecodeError(f"too small: {data.shape[1]}x{data.shape[0]} pixels")
         return Image.fromarray(np.ascontiguousarray(data))
-    if isinstance(data, bytes | bytearray | memoryview):
-        if len(data) == 0:
-            raise ImageDecodeError("empty file")
-        if len(data) > MAX_FILE_BYTES:
-            raise ImageDecodeError(f"file too large ({len(data)} bytes)")
-        opened: Any = io.BytesIO(data)
-    else:
-        try:
-            size = os.stat(data).st_size
-        except OSError as exc:
-            raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc
-        if size == 0:
-            raise ImageDecodeError("empty file")
-        if size > MAX_FILE_BYTES:
-            raise ImageDecodeError(f"file too large ({size} bytes)")
-        opened = data
-    try:
-        with Image.open(opened, formats=SUPPORTED_FORMATS) as image:
-            return _whole_rgb(image, min_side)
-    except ImageDecodeError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"decompression bomb: {exc}") from exc
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc
-    except UnidentifiedImageError as exc:
-        raise ImageDecodeError("not an image (or not JPEG/PNG/WebP/BMP/GIF/TIFF)") from exc
-    except MemoryError as exc:
-        raise ImageDecodeError("out of memory while decoding") from exc
-    except Exception as exc:  # Pillow plugins raise many types on malformed input
-        raise ImageDecodeError(f"corrupt image: {exc}") from exc
+    return decode_with(data, lambda image: _whole_rgb(image, min_side))
 
 
 def _whole_rgb(opened: Image.Image, min_side: int) -> Image.Image:
