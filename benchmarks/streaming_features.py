@@ -92,7 +92,7 @@ def measure(args: argparse.Namespace, count: int) -> dict[str, Any]:
     import timm
     import torch
 
-    from scan_engine.embedding import embed_sources
+    from scan_engine.embedding import Preprocessing, embed_sources
     from scan_engine.runtime import cpu_fields, resolve_runtime
     from scan_engine.sources import ImageSources
 
@@ -113,11 +113,13 @@ def measure(args: argparse.Namespace, count: int) -> dict[str, Any]:
     embedded = embed_sources(
         sources,
         module,
-        input_size=args.size,
-        mean=config.get("mean", (0.485, 0.456, 0.406)),
-        std=config.get("std", (0.229, 0.224, 0.225)),
-        crop_pct=config.get("crop_pct", 0.875),
-        interpolation=config.get("interpolation", "bicubic"),
+        preprocessing=Preprocessing(
+            input_size=args.size,
+            mean=config.get("mean", (0.485, 0.456, 0.406)),
+            std=config.get("std", (0.229, 0.224, 0.225)),
+            crop_pct=config.get("crop_pct", 0.875),
+            interpolation=config.get("interpolation", "bicubic"),
+        ),
         runtime=runtime,
         batch_size=args.batch_size,
         decode_workers=args.decode_workers,

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -276,11 +276,7 @@ def embed_sources(
     sources: ImageSources,
     module: nn.Module,
     *,
-    input_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    crop_pct: float = 0.875,
-    interpolation: str = "bicubic",
+    preprocessing: Preprocessing,
     runtime: Runtime,
     batch_size: int = 64,
     decode_workers: int = 2,
@@ -296,7 +292,6 @@ def embed_sources(
     batch (items done, skipped ones included); when `should_stop()` turns true, StopRequested is
     raised before the next batch.
     """
-    preprocessing = Preprocessing(input_size, tuple(mean), tuple(std), crop_pct, interpolation)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if decode_workers < 1:

@@ -195,11 +195,7 @@ def cached_embedding(
     embedded = embed_sources(
         sources,
         module,
-        input_size=preprocessing.input_size,
-        mean=preprocessing.mean,
-        std=preprocessing.std,
-        crop_pct=preprocessing.crop_pct,
-        interpolation=preprocessing.interpolation,
+        preprocessing=preprocessing,
         runtime=runtime,
         batch_size=batch_size,
         decode_workers=decode_workers,

@@ -96,10 +96,13 @@ def reference_features(
 
 
 def embed(sources: ImageSources, module: nn.Module, **options: object) -> EmbeddedFeatures:
+    """embed_sources with the tests' defaults; preprocessing fields may be given one by one."""
+    fields: dict[str, object] = {"input_size": 32, "mean": MEAN, "std": STD}
+    for name in ("input_size", "mean", "std", "crop_pct", "interpolation"):
+        if name in options:
+            fields[name] = options.pop(name)
     settings: dict[str, object] = {
-        "input_size": 32,
-        "mean": MEAN,
-        "std": STD,
+        "preprocessing": Preprocessing(**fields),  # type: ignore[arg-type]
         "runtime": FLOAT32,
         "batch_size": 2,
     }
