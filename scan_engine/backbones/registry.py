@@ -38,13 +38,14 @@ class BackboneSpec:
 
     name: str  # our name: CLI, settings, manifest key
     timm_model: str  # timm architecture, built with num_classes=0
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str  # "bicubic" | "bilinear"
-    crop_pct: float
     feature_dim: int  # D of the (B, D) features
     licence: str
+    # Defaults: timm's usual ImageNet evaluation transform; a spec states only what differs.
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"  # "bicubic" | "bilinear"
+    crop_pct: float = 0.875
     notes: str = ""
     bundled: bool = False  # weights ship in an installed package (no import needed)
     timm_tag: str = ""  # timm pretrained tag whose data config the preprocessing follows
@@ -66,11 +67,8 @@ _SPECS: tuple[BackboneSpec, ...] = (
         name="efficientnet_lite0",
         timm_model="tf_efficientnet_lite0",
         timm_tag="in1k",
-        input_size=224,
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
-        interpolation="bicubic",
-        crop_pct=0.875,
         feature_dim=1280,
         licence="apache-2.0",
         notes=(
@@ -88,11 +86,6 @@ _SPECS: tuple[BackboneSpec, ...] = (
         timm_model="vit_small_patch14_dinov2",
         timm_tag="lvd142m",
         timm_kwargs=(("img_size", 224),),
-        input_size=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        interpolation="bicubic",
-        crop_pct=0.875,
         feature_dim=384,
         licence="apache-2.0",
         notes=(
@@ -108,11 +101,6 @@ _SPECS: tuple[BackboneSpec, ...] = (
         timm_model="vit_base_patch14_dinov2",
         timm_tag="lvd142m",
         timm_kwargs=(("img_size", 224),),
-        input_size=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        interpolation="bicubic",
-        crop_pct=0.875,
         feature_dim=768,
         licence="apache-2.0",
         notes="DINOv2 ViT-B/14, CLS token; run at 224 like dinov2_vits14.",
@@ -124,10 +112,6 @@ _SPECS: tuple[BackboneSpec, ...] = (
         name="dino_vits16",
         timm_model="vit_small_patch16_224",
         timm_tag="dino",
-        input_size=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        interpolation="bicubic",
         crop_pct=0.9,
         feature_dim=384,
         licence="apache-2.0",
@@ -139,11 +123,6 @@ _SPECS: tuple[BackboneSpec, ...] = (
     BackboneSpec(
         name="dino_resnet50",
         timm_model="resnet50",
-        input_size=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        interpolation="bicubic",
-        crop_pct=0.875,
         feature_dim=2048,
         licence="apache-2.0",
         notes="DINO ResNet-50 (self-supervised); torchvision keys; DINO's evaluation transform.",
@@ -154,10 +133,8 @@ _SPECS: tuple[BackboneSpec, ...] = (
         name="clip_vitb16",
         timm_model="vit_base_patch16_clip_quickgelu_224",
         timm_tag="openai",
-        input_size=224,
         mean=_OPENAI_CLIP_MEAN,
         std=_OPENAI_CLIP_STD,
-        interpolation="bicubic",
         crop_pct=0.9,
         feature_dim=768,
         licence="mit",
@@ -172,11 +149,6 @@ _SPECS: tuple[BackboneSpec, ...] = (
         name="convnext_tiny",
         timm_model="convnext_tiny",
         timm_tag="fb_in22k_ft_in1k",
-        input_size=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        interpolation="bicubic",
-        crop_pct=0.875,
         feature_dim=768,
         licence="apache-2.0",
         notes="ConvNeXt-T, ImageNet-22k then 1k supervised; accepts Facebook's original key names.",
@@ -188,11 +160,7 @@ _SPECS: tuple[BackboneSpec, ...] = (
         name="resnet50_torchvision",
         timm_model="resnet50",
         timm_tag="tv_in1k",
-        input_size=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
         interpolation="bilinear",
-        crop_pct=0.875,
         feature_dim=2048,
         licence="bsd-3-clause",
         notes="torchvision ResNet-50 (IMAGENET1K_V1, supervised), global average pool.",
@@ -203,11 +171,7 @@ _SPECS: tuple[BackboneSpec, ...] = (
     BackboneSpec(
         name="resnet50_moco",
         timm_model="resnet50",
-        input_size=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
         interpolation="bilinear",
-        crop_pct=0.875,
         feature_dim=2048,
         licence="cc-by-nc-4.0",
         notes=(
