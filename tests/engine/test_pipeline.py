@@ -191,7 +191,7 @@ def test_impossible_requests_are_config_errors(collection, tmp_path) -> None:
 
 
 def test_command_line_writes_every_output(shapes_folder: Path, tmp_path: Path) -> None:
-    from scan_engine.cli import main
+    from scan_engine.cli.cluster import main
 
     out = tmp_path / "out"
     code = main(
@@ -238,7 +238,7 @@ def test_command_line_writes_every_output(shapes_folder: Path, tmp_path: Path) -
 
 
 def test_command_line_rejects_bad_input(tmp_path: Path, capsys) -> None:
-    from scan_engine.cli import main
+    from scan_engine.cli.cluster import main
 
     assert main([str(tmp_path / "missing"), "--clusters", "3", "--quiet"]) == 2
     assert "missing" in capsys.readouterr().err

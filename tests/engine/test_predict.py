@@ -216,7 +216,7 @@ def test_bad_models_and_requests_are_refused(k_selection_run, predictor, tmp_pat
 
 @pytest.mark.slow
 def test_command_line_predicts_a_zip(k_selection_run, tmp_path: Path) -> None:
-    from scan_engine.predict_cli import main
+    from scan_engine.cli.predict import main
 
     held = list(k_selection_run.held_back.paths)
     archive = tmp_path / "new.zip"

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from scan_engine import pipeline
-from scan_engine.cli import nest_overrides, parse_override
+from scan_engine.cli.overrides import add_override_option, nest_overrides, parse_overcluster
 from scan_engine.config import PRESETS, ScanConfig, make_config
 from scan_engine.data import from_arrays, load_npz
 from scan_engine.models import ClusteringModel
@@ -39,7 +39,7 @@ from scan_engine.scan import run_scan
 from scan_engine.selflabel import run_selflabel
 from scan_engine.training import Reporter
 
-logger = logging.getLogger("scan_engine.bench")
+logger = logging.getLogger(__name__)
 
 
 def peak_rss_mb() -> float:
@@ -224,18 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--work-dir", type=Path, default=None, help="keep a full run's checkpoints here (resume)"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        type=parse_override,
-        default=[],
-        metavar="KEY=VALUE",
-    )
+    add_override_option(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-    from scan_engine.cli import parse_overcluster
 
     overrides = nest_overrides(args.overrides)
     overrides.update(num_clusters=args.clusters, overcluster=parse_overcluster(args.overcluster))
