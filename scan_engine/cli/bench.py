@@ -59,7 +59,7 @@ def bench_stage(stage: str, config: ScanConfig, steps: int, device: str) -> dict
     """Steady-state images/s of one training stage (first step excluded), on random images."""
     runtime = resolve_runtime(device, config.precision)
     generator = torch.Generator().manual_seed(config.seed)
-    reporter = Reporter(pipeline.STAGE_WEIGHTS)
+    reporter = Reporter({stage: 1.0})
     if stage == "pretext":
         batch = config.pretext.batch_size
         images = _synthetic_images(batch * (steps + 1), config.image_size)
@@ -76,13 +76,13 @@ def bench_stage(stage: str, config: ScanConfig, steps: int, device: str) -> dict
             "views_per_image": 2,
         }
     contrastive = build_contrastive_model(config)
-    heads_only = not config.scan.update_backbone
+    fixed_backbone = not config.scan.update_backbone
     model = ClusteringModel(
         contrastive.backbone,
         contrastive.backbone.feature_dim,
         config.cluster_counts(),
         config.scan.num_heads,
-        head_input_scale=config.scan.feature_scale if heads_only else 1.0,
+        head_input_scale=config.scan.feature_scale if fixed_backbone else 1.0,
     )
     # Presets that keep the backbone fixed train heads on cached features: time that path.
     features = augmented = None
@@ -93,7 +93,7 @@ def bench_stage(stage: str, config: ScanConfig, steps: int, device: str) -> dict
         run_config = config.model_copy(
             update={"scan": config.scan.model_copy(update={"epochs": 1})}
         )
-        if heads_only:
+        if fixed_backbone:
             features = _unit_features(images.shape[0], model.feature_dim, generator)
         stats = run_scan(
             model, images, neighbors, run_config, runtime, reporter, generator, features=features
@@ -113,7 +113,7 @@ def bench_stage(stage: str, config: ScanConfig, steps: int, device: str) -> dict
                 "selflabel": config.selflabel.model_copy(update={"epochs": 1, "threshold": 0.01})
             }
         )  # every sample confident: full steps
-        if heads_only:
+        if fixed_backbone:
             features = _unit_features(images.shape[0], model.feature_dim, generator)
             augmented = torch.stack(
                 [_unit_features(images.shape[0], model.feature_dim, generator) for _ in range(2)]
