@@ -174,6 +174,12 @@ class ScanConfig(_Frozen):
                 raise ValueError("every cluster count in overcluster must be >= 2")
         return self
 
+    @property
+    def fixed_backbone(self) -> bool:
+        """The backbone never changes after the features are made (a pretrained one, or
+        scan.update_backbone off): SCAN and self-labeling then train heads on cached features."""
+        return self.backbone_weights is not None or not self.scan.update_backbone
+
     def cluster_counts(self, num_clusters: int | None = None) -> list[int]:
         """The cluster counts C to train: K itself, plus the overclustering ones, sorted, unique.
 

@@ -328,7 +328,7 @@ def run_k_selection(
     from scan_engine.neighbors import extract_features
 
     if features is None:
-        reporter.update("scan", 0.0, "choosing K: embedding", force=True)
+        reporter.update("select_k", 0.0, "choosing K: embedding", force=True)
         features = extract_features(
             embed, images, config.eval_batch_size, runtime.device, runtime.amp_dtype
         )
@@ -336,7 +336,11 @@ def run_k_selection(
     settings = config.k_selection
 
     def progress(step: int, steps: int) -> None:
-        reporter.update("scan", 0.0, f"choosing K among {len(candidates)}: step {step}/{steps}")
+        reporter.update(
+            "select_k",
+            step / max(steps, 1),
+            f"choosing K among {len(candidates)}: step {step}/{steps}",
+        )
 
     probabilities = train_candidate_heads(
         features,

@@ -30,6 +30,7 @@ small distance means "between two clusters", not "unlike anything seen".
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ __all__ = [
     "neighbor_outlier_reference",
     "kth_neighbor_distance",
     "prediction_state",
+    "save_model",
     "find_model_file",
     "load_model",
 ]
@@ -159,7 +161,8 @@ def prediction_state(
     head_input_scale: float = 1.0,
     k_selection: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What model.pt keeps besides weights and config, computed on the training images.
+    """What model.pt keeps besides weights and config, computed on the training images
+    (save_model writes it).
 
     features: (N, D) L2-normalised final features; logits: {C: (1, N, C)} of the kept heads;
     neighbors: (N, K) mined indices.
@@ -176,7 +179,6 @@ def prediction_state(
             "coassignment": torch.from_numpy(neighbor_coassignment(probabilities, neighbors)),
         }
     return {
-        "format_version": MODEL_FORMAT_VERSION,
         "head_input": "normalized" if heads_on_normalized_features else "raw",
         "head_input_scale": float(head_input_scale),
         "preprocessing": {"resize": RESIZE_RULE, "mean": CIFAR10_MEAN, "std": CIFAR10_STD},
@@ -189,6 +191,27 @@ def prediction_state(
         "outlier_reference": neighbor_outlier_reference(features),
         "clusters": clusters,
     }
+
+
+def save_model(
+    path: Path, model: ClusteringModel, config: ScanConfig, prediction: dict[str, Any]
+) -> None:
+    """Write model.pt (format MODEL_FORMAT_VERSION): the weights of `model` (the kept head per
+    C), the resolved config and `prediction` (prediction_state). Write then rename, so that a
+    crash never leaves a half-written model behind."""
+    temporary = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "format_version": MODEL_FORMAT_VERSION,
+            "config": config.to_json_dict(),
+            "fixed_backbone": config.fixed_backbone,
+            "cluster_counts": model.cluster_counts,
+            "state_dict": model.state_dict(),
+            **prediction,
+        },
+        temporary,
+    )
+    os.replace(temporary, path)
 
 
 @dataclass
@@ -240,9 +263,8 @@ class Predictor:
             or tuple(preprocessing["std"]) != CIFAR10_STD
         ):
             raise ModelFormatError(f"{path} was trained with another normalisation")
-        # Format 1 did not record it: the heads read normalised features on the frozen routes.
-        frozen = bool(saved.get("frozen_backbone"))
-        default_input = "normalized" if frozen or not self.config.scan.update_backbone else "raw"
+        # Format 1 did not record it: heads on a fixed backbone read normalised features.
+        default_input = "normalized" if self.config.fixed_backbone else "raw"
         self.head_input = saved.get("head_input", default_input)
         backbone = build_backbone(
             self.config.backbone, self.config.backbone_width, self.config.image_size

@@ -2,7 +2,7 @@
 mean prediction should stay spread over all clusters (paper section 3.2).
 
 Two routes: the backbone is fine-tuned on strongly augmented images (paper, small images), or
-it is frozen and only the heads train on cached features (pretrained route; fast on a CPU).
+it is fixed and only the heads train on cached features (fast, also on a CPU).
 """
 
 from __future__ import annotations
@@ -65,15 +65,15 @@ def run_scan(
     """Train `model` in place, then keep the head with the lowest loss per cluster count.
 
     images: (N, 3, S, S) uint8; neighbors: (N, K) int64. With `features` (N, D) given, the
-    backbone is frozen and the heads train on those cached features instead of images.
+    backbone stays fixed and the heads train on those cached features instead of images.
     """
     settings = config.scan
     num_images = images.shape[0]
     batch_size = min(settings.batch_size, num_images)
     plan = StepPlan(settings.epochs, max(1, num_images // batch_size), budget_s)
-    frozen = features is not None
+    on_cached_features = features is not None
     model = runtime.prepare(model)
-    parameters = head_parameters(model, frozen)
+    parameters = head_parameters(model, heads_only=on_cached_features)
     if features is not None:
         features = features.to(runtime.device)
     optimizer = torch.optim.Adam(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -89,7 +89,7 @@ def run_scan(
     while step < plan.total:
         index = batches.next()
         neighbor_index = sample_neighbors(neighbors, index, generator)
-        if frozen:
+        if on_cached_features:
             assert features is not None
             both = model.forward_heads(
                 torch.cat(

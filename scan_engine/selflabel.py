@@ -60,17 +60,17 @@ def run_selflabel(
 ) -> SelfLabelStats:
     """Fine-tune `model` (one head per C, after head selection) in place on its own labels.
 
-    Frozen route: `features` (N, D) are the weak views and `augmented_features` (V, N, D) cached
-    features of V strongly augmented views; only the heads train.
+    On cached features: `features` (N, D) are the weak views and `augmented_features`
+    (V, N, D) cached features of V strongly augmented views; only the heads train.
     """
     settings = config.selflabel
     num_images = images.shape[0]
     batch_size = min(settings.batch_size, num_images)
     plan = StepPlan(settings.epochs, max(1, num_images // batch_size), budget_s)
-    frozen = features is not None
+    on_cached_features = features is not None
     model = runtime.prepare(model)
-    parameters = head_parameters(model, frozen)
-    if frozen:
+    parameters = head_parameters(model, heads_only=on_cached_features)
+    if on_cached_features:
         assert features is not None and augmented_features is not None
         features = features.to(runtime.device)
         augmented_features = augmented_features.to(runtime.device)
@@ -87,7 +87,7 @@ def run_selflabel(
     batches = BatchStream(num_images, batch_size, generator)
     while step < plan.total:
         index = batches.next()
-        if frozen:
+        if on_cached_features:
             assert features is not None and augmented_features is not None
             device_index = index.to(runtime.device)
             view = int(torch.randint(0, augmented_features.shape[0], (1,), generator=generator))

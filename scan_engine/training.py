@@ -196,9 +196,9 @@ class BatchStream:
         return self._pending.pop(0)
 
 
-def head_parameters(model: torch.nn.Module, frozen: bool) -> list[torch.nn.Parameter]:
-    """What the optimiser updates: only the heads on the frozen route, else all trainable."""
-    if frozen:
+def head_parameters(model: torch.nn.Module, heads_only: bool) -> list[torch.nn.Parameter]:
+    """What the optimiser updates: only the heads (on cached features), else all trainable."""
+    if heads_only:
         model.backbone.requires_grad_(False)  # type: ignore[operator]
         return list(model.heads.parameters())  # type: ignore[operator]
     return [p for p in model.parameters() if p.requires_grad]

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from scan_engine import pipeline
-from scan_engine.cli import nest_overrides, parse_override, parse_range
+from scan_engine.cli.overrides import nest_overrides, parse_override, parse_range
 from scan_engine.config import PRESETS, make_config
 from scan_engine.data import ImageCollection, from_arrays, load_npz
 from scan_engine.results import ProgressEvent, StopRequested

@@ -10,16 +10,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
-from scan_engine import augment as aug
 from scan_engine.augment import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     STRONG_OPS,
-    ScanAugment,
     SimCLRAugment,
+    SimCLRParams,
     StrongAugment,
+    StrongParams,
     denormalize,
     normalize,
+    ops,
 )
 
 MEAN = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
@@ -112,10 +113,6 @@ def test_simclr_resizes_to_image_size() -> None:
     assert out.shape == (3, 3, 24, 24)
 
 
-def test_scan_augment_is_the_strong_view() -> None:
-    assert ScanAugment is StrongAugment
-
-
 @pytest.mark.parametrize("view", sorted(VIEWS))
 def test_same_seed_same_output_other_seed_other_output(view: str) -> None:
     images = _images(16)
@@ -165,7 +162,7 @@ def test_simclr_views_differ_but_keep_image_statistics() -> None:
 def test_affine_grid_matches_torch() -> None:
     g = torch.Generator().manual_seed(0)
     theta = torch.randn(6, 2, 3, generator=g)
-    ours = aug._affine_grid(theta, 13, 21)
+    ours = ops.affine_grid(theta, 13, 21)
     theirs = F.affine_grid(theta, [6, 3, 13, 21], align_corners=False)
     assert torch.allclose(ours, theirs, atol=1e-5)
 
@@ -173,11 +170,11 @@ def test_affine_grid_matches_torch() -> None:
 def test_identity_and_flip_matrices_are_exact() -> None:
     x = _images(4).float() / 255
     identity = torch.eye(3).expand(4, 3, 3)
-    assert torch.allclose(aug._affine_batch(x, identity), x, atol=1e-5)
+    assert torch.allclose(ops.affine_batch(x, identity), x, atol=1e-5)
     flip = torch.diag(torch.tensor([-1.0, 1.0, 1.0])).expand(4, 3, 3)
-    assert torch.allclose(aug._affine_batch(x, flip), torch.flip(x, dims=[3]), atol=1e-5)
+    assert torch.allclose(ops.affine_batch(x, flip), torch.flip(x, dims=[3]), atol=1e-5)
     vflip = torch.diag(torch.tensor([1.0, -1.0, 1.0])).expand(4, 3, 3)
-    assert torch.allclose(aug._affine_batch(x, vflip), torch.flip(x, dims=[2]), atol=1e-5)
+    assert torch.allclose(ops.affine_batch(x, vflip), torch.flip(x, dims=[2]), atol=1e-5)
 
 
 def test_integer_translation_shifts_pixels_and_pads_with_zero() -> None:
@@ -185,12 +182,12 @@ def test_integer_translation_shifts_pixels_and_pads_with_zero() -> None:
     # Content moves right by 3 px: output(col) = input(col - 3), i.e. x_in = x_out - 3 * 2/16.
     theta = torch.eye(3).expand(2, 3, 3).clone()
     theta[:, 0, 2] = -3 * 2 / 16
-    out = aug._affine_batch(x, theta)
+    out = ops.affine_batch(x, theta)
     assert torch.allclose(out[..., 3:], x[..., :-3], atol=1e-5)
     assert out[..., :3].abs().max() < 1e-6
 
 
-def _flip_shift_reference(x: torch.Tensor, params: aug.StrongParams, fill: torch.Tensor):
+def _flip_shift_reference(x: torch.Tensor, params: StrongParams, fill: torch.Tensor):
     """Per-image loop (test only): flip, then move content by (dx, dy), fill the rest."""
     out = torch.empty_like(x)
     size = x.shape[-1]
@@ -239,7 +236,7 @@ def test_translate_op_moves_by_its_magnitude() -> None:
     images = _images(3)
     transform = StrongAugment(32, num_ops=1, cutout=False)
     pixels = 3
-    magnitude = pixels / (aug.MAX_TRANSLATE * 32)
+    magnitude = pixels / (ops.MAX_TRANSLATE * 32)
     out = _unnormalize(transform.apply(images, _forced(transform, ["translate_x"], [magnitude], 3)))
     x = images.float() / 255
     assert torch.allclose(out[..., pixels:], x[..., :-pixels], atol=1e-4)
@@ -250,7 +247,7 @@ def test_geometry_runs_in_order_flip_then_ops() -> None:
     # Flip, then move right by 3 px (the other order would move the content left).
     images = _images(2)
     transform = StrongAugment(32, num_ops=1, cutout=False)
-    params = _forced(transform, ["translate_x"], [3 / (aug.MAX_TRANSLATE * 32)], 2)
+    params = _forced(transform, ["translate_x"], [3 / (ops.MAX_TRANSLATE * 32)], 2)
     params.flip[:] = True
     out = _unnormalize(transform.apply(images, params))
     flipped = torch.flip(images.float() / 255, dims=[3])
@@ -300,11 +297,11 @@ def test_simclr_crop_of_a_flat_image_stays_flat() -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def _jitter_reference(x: torch.Tensor, params: aug.SimCLRParams) -> torch.Tensor:
+def _jitter_reference(x: torch.Tensor, params: SimCLRParams) -> torch.Tensor:
     """Sequential colour jitter + grayscale, one image at a time, no clamping (test only)."""
-    yiq = torch.tensor(aug._RGB_TO_YIQ, dtype=torch.float64).float()
+    yiq = torch.tensor(ops.RGB_TO_YIQ, dtype=torch.float64).float()
     yiq_inv = torch.linalg.inv(yiq)
-    luma = torch.tensor(aug._LUMA)
+    luma = torch.tensor(ops.LUMA)
     out = []
     for i in range(x.shape[0]):
         image = x[i]  # (3, H, W)
@@ -372,7 +369,7 @@ def test_hue_rotation_keeps_greys_and_luma() -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_equalize_matches_pil(seed: int) -> None:
     for image in _pil_images(seed):
-        ours = aug._equalize(_to_tensor(image))
+        ours = ops.equalize(_to_tensor(image))
         _assert_matches_pil(ours, ImageOps.equalize(Image.fromarray(image)), atol_levels=1e-3)
 
 
@@ -380,7 +377,7 @@ def test_equalize_leaves_flat_channels_alone() -> None:
     image = np.zeros((8, 8, 3), dtype=np.uint8)
     image[..., 0] = 77  # one level: identity in PIL
     image[..., 1] = np.arange(64).reshape(8, 8)
-    ours = aug._equalize(_to_tensor(image))
+    ours = ops.equalize(_to_tensor(image))
     _assert_matches_pil(ours, ImageOps.equalize(Image.fromarray(image)), atol_levels=1e-3)
     assert torch.allclose(ours[0, 0], torch.full((8, 8), 77 / 255))
 
@@ -388,7 +385,7 @@ def test_equalize_leaves_flat_channels_alone() -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_autocontrast_matches_pil(seed: int) -> None:
     for image in _pil_images(seed):
-        ours = aug._autocontrast(_to_tensor(image))
+        ours = ops.autocontrast(_to_tensor(image))
         # PIL truncates its lookup table to int; we keep the exact value.
         _assert_matches_pil(ours, ImageOps.autocontrast(Image.fromarray(image)), atol_levels=1.0)
         assert ours.amin(dim=(2, 3)).max() == 0 and ours.amax(dim=(2, 3)).min() > 1 - 1e-6
@@ -397,22 +394,22 @@ def test_autocontrast_matches_pil(seed: int) -> None:
 @pytest.mark.parametrize("bits", [1, 4, 6, 8])
 def test_posterize_matches_pil(bits: int) -> None:
     for image in _pil_images():
-        ours = aug._posterize(_to_tensor(image), torch.tensor([bits]))
+        ours = ops.posterize(_to_tensor(image), torch.tensor([bits]))
         _assert_matches_pil(ours, ImageOps.posterize(Image.fromarray(image), bits), 1e-3)
 
 
 @pytest.mark.parametrize("threshold", [0, 90, 128, 200, 255])
 def test_solarize_matches_pil(threshold: int) -> None:
     for image in _pil_images():
-        ours = aug._solarize(_to_tensor(image), torch.tensor([threshold / 255]))
+        ours = ops.solarize(_to_tensor(image), torch.tensor([threshold / 255]))
         _assert_matches_pil(ours, ImageOps.solarize(Image.fromarray(image), threshold), 1e-3)
 
 
 ENHANCERS = {
-    "brightness": (aug._brightness, ImageEnhance.Brightness),
-    "color": (aug._color, ImageEnhance.Color),
-    "contrast": (aug._contrast, ImageEnhance.Contrast),
-    "sharpness": (aug._sharpness, ImageEnhance.Sharpness),
+    "brightness": (ops.brightness, ImageEnhance.Brightness),
+    "color": (ops.color, ImageEnhance.Color),
+    "contrast": (ops.contrast, ImageEnhance.Contrast),
+    "sharpness": (ops.sharpness, ImageEnhance.Sharpness),
 }
 
 
@@ -437,14 +434,14 @@ def test_strong_view_dispatches_each_op_to_the_samples_that_drew_it(op: str) -> 
     params.ops[1::2, 1] = STRONG_OPS.index("identity")
     out = _unnormalize(transform.apply(images, params))
     x = images.float() / 255
-    expected = aug._COLOUR_OPS[STRONG_OPS.index(op)](x[0::2], torch.full((3,), 0.8))
+    expected = ops.COLOUR_OPS[STRONG_OPS.index(op)](x[0::2], torch.full((3,), 0.8))
     assert torch.allclose(out[0::2], expected, atol=1e-4)
     assert torch.allclose(out[1::2], x[1::2], atol=1e-4)
     assert not torch.allclose(out[0::2], x[0::2], atol=1e-2)
 
 
 def test_posterize_bits_cover_eight_to_four() -> None:
-    bits = aug._posterize_bits(torch.linspace(-1, 1, 1001))
+    bits = ops.posterize_bits(torch.linspace(-1, 1, 1001))
     assert set(bits.tolist()) == {4, 5, 6, 7, 8}
 
 
@@ -457,7 +454,7 @@ def test_cutout_zeroes_exactly_one_square() -> None:
     x = torch.rand(3, 3, 16, 16) + 1.0  # no zeros to begin with
     center = torch.tensor([[8, 8], [0, 15], [5, 3]])
     side = torch.tensor([6, 4, 0])
-    out = aug._cutout(x, center, side)
+    out = ops.cutout(x, center, side)
     zero = out == 0
     assert zero[0].all(dim=0)[5:11, 5:11].all() and zero[0].sum() == 3 * 36
     assert zero[1].all(dim=0)[0:2, 13:16].all() and zero[1].sum() == 3 * 6  # clipped at border

@@ -32,7 +32,7 @@ from scan_engine.backbones import (
     load_backbone,
     weights_status,
 )
-from scan_engine.weights_cli import main as weights_main
+from scan_engine.cli.weights import main as weights_main
 
 torch.manual_seed(0)
 
@@ -450,7 +450,7 @@ def test_importing_backbones_loads_no_service_stack_and_no_timm() -> None:
     import sys
 
     code = (
-        "import sys, scan_engine.backbones, scan_engine.weights_cli; "
+        "import sys, scan_engine.backbones, scan_engine.cli.weights; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & "
         "{'timm', 'fastapi', 'sqlalchemy', 'celery', 'redis'}))"
     )

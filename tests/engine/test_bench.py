@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scan_engine import bench
+from scan_engine.cli import bench
 from scan_engine.data import load_folder
 from scan_engine.sample_data import make_shapes_collection
 

@@ -27,7 +27,7 @@ def _service_modules_after(imports: str) -> list[str]:
 
 def test_engine_imports_no_service_stack() -> None:
     loaded = _service_modules_after(
-        "import scan_engine.pipeline, scan_engine.cli, scan_engine.bench"
+        "import scan_engine.pipeline, scan_engine.cli.cluster, scan_engine.cli.bench"
     )
     assert loaded == [], f"engine import pulled in {loaded}"
 

@@ -215,7 +215,7 @@ def test_a_rerun_resumes_with_the_same_choice(k_selection_run, tmp_path) -> None
 def test_command_line_chooses_k_when_none_is_given(k_selection_run, tmp_path, capsys) -> None:
     import json
 
-    from scan_engine.cli import main
+    from scan_engine.cli.cluster import main
 
     folder = k_selection_run.shapes_folder
     short = ["--preset", "tiny", "--quiet", "--set", "pretext.epochs=1", "--set", "scan.epochs=1"]

@@ -185,7 +185,9 @@ def test_a_format_1_model_still_predicts_without_outlier_flags(
     k_selection_run, predictor, tmp_path: Path
 ) -> None:
     saved = torch.load(find_model_file(k_selection_run.work_dir), weights_only=True)
-    old = {key: saved[key] for key in ("config", "frozen_backbone", "cluster_counts", "state_dict")}
+    old = {key: saved[key] for key in ("config", "cluster_counts", "state_dict")}
+    # Format 1 said "frozen_backbone", and said False for a fixed backbone trained by a pretext.
+    old["frozen_backbone"] = False
     torch.save({"format_version": 1, **old}, tmp_path / "model.pt")
     legacy = load_model(tmp_path)
     prediction = legacy.predict(k_selection_run.held_back)
@@ -216,7 +218,7 @@ def test_bad_models_and_requests_are_refused(k_selection_run, predictor, tmp_pat
 
 @pytest.mark.slow
 def test_command_line_predicts_a_zip(k_selection_run, tmp_path: Path) -> None:
-    from scan_engine.predict_cli import main
+    from scan_engine.cli.predict import main
 
     held = list(k_selection_run.held_back.paths)
     archive = tmp_path / "new.zip"

@@ -18,6 +18,7 @@ from fastapi.templating import Jinja2Templates
 from app.api.deps import OwnerDep, SessionDep, SettingsDep
 from app.db.models import Dataset, Job
 from scan_engine.config import PRESETS
+from scan_engine.stages import STAGE_NAMES
 
 __all__ = ["router", "install"]
 
@@ -25,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parents[2]
 API_BASE = "/api/v1"
-STAGES = ("pretext", "mine", "scan", "selflabel", "finalize")
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=APP_DIR / "templates")
@@ -61,7 +61,7 @@ def index_page(request: Request, settings: SettingsDep) -> HTMLResponse:
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(request: Request, session: SessionDep, owner: OwnerDep, job_id: str) -> HTMLResponse:
     """Live progress of one job: stage, progress bar, ETA, timings, error, cancel."""
-    return _job_template(request, session, owner, job_id, "job.html", stages=STAGES)
+    return _job_template(request, session, owner, job_id, "job.html", stages=STAGE_NAMES)
 
 
 @router.get("/jobs/{job_id}/gallery", response_class=HTMLResponse)

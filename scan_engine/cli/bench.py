@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from scan_engine import pipeline
-from scan_engine.cli import nest_overrides, parse_override
+from scan_engine.cli.overrides import add_override_option, nest_overrides, parse_overcluster
 from scan_engine.config import PRESETS, ScanConfig, make_config
 from scan_engine.data import from_arrays, load_npz
 from scan_engine.models import ClusteringModel
@@ -39,7 +39,7 @@ from scan_engine.scan import run_scan
 from scan_engine.selflabel import run_selflabel
 from scan_engine.training import Reporter
 
-logger = logging.getLogger("scan_engine.bench")
+logger = logging.getLogger(__name__)
 
 
 def peak_rss_mb() -> float:
@@ -59,7 +59,7 @@ def bench_stage(stage: str, config: ScanConfig, steps: int, device: str) -> dict
     """Steady-state images/s of one training stage (first step excluded), on random images."""
     runtime = resolve_runtime(device, config.precision)
     generator = torch.Generator().manual_seed(config.seed)
-    reporter = Reporter(pipeline.STAGE_WEIGHTS)
+    reporter = Reporter({stage: 1.0})
     if stage == "pretext":
         batch = config.pretext.batch_size
         images = _synthetic_images(batch * (steps + 1), config.image_size)
@@ -76,13 +76,13 @@ def bench_stage(stage: str, config: ScanConfig, steps: int, device: str) -> dict
             "views_per_image": 2,
         }
     contrastive = build_contrastive_model(config)
-    heads_only = not config.scan.update_backbone
+    fixed_backbone = not config.scan.update_backbone
     model = ClusteringModel(
         contrastive.backbone,
         contrastive.backbone.feature_dim,
         config.cluster_counts(),
         config.scan.num_heads,
-        head_input_scale=config.scan.feature_scale if heads_only else 1.0,
+        head_input_scale=config.scan.feature_scale if fixed_backbone else 1.0,
     )
     # Presets that keep the backbone fixed train heads on cached features: time that path.
     features = augmented = None
@@ -93,7 +93,7 @@ def bench_stage(stage: str, config: ScanConfig, steps: int, device: str) -> dict
         run_config = config.model_copy(
             update={"scan": config.scan.model_copy(update={"epochs": 1})}
         )
-        if heads_only:
+        if fixed_backbone:
             features = _unit_features(images.shape[0], model.feature_dim, generator)
         stats = run_scan(
             model, images, neighbors, run_config, runtime, reporter, generator, features=features
@@ -113,7 +113,7 @@ def bench_stage(stage: str, config: ScanConfig, steps: int, device: str) -> dict
                 "selflabel": config.selflabel.model_copy(update={"epochs": 1, "threshold": 0.01})
             }
         )  # every sample confident: full steps
-        if heads_only:
+        if fixed_backbone:
             features = _unit_features(images.shape[0], model.feature_dim, generator)
             augmented = torch.stack(
                 [_unit_features(images.shape[0], model.feature_dim, generator) for _ in range(2)]
@@ -224,18 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--work-dir", type=Path, default=None, help="keep a full run's checkpoints here (resume)"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        type=parse_override,
-        default=[],
-        metavar="KEY=VALUE",
-    )
+    add_override_option(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-    from scan_engine.cli import parse_overcluster
 
     overrides = nest_overrides(args.overrides)
     overrides.update(num_clusters=args.clusters, overcluster=parse_overcluster(args.overcluster))

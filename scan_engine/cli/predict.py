@@ -23,7 +23,7 @@ from typing import Any
 
 from scan_engine.data import load_collection
 
-logger = logging.getLogger("scan_engine.predict_cli")
+logger = logging.getLogger(__name__)
 
 FIELDS = ["image_id", "path", "cluster", "confidence", "distance", "outlier"]
 

@@ -32,7 +32,7 @@ from scan_engine.backbones import (
 
 __all__ = ["build_parser", "main"]
 
-logger = logging.getLogger("scan_engine.weights_cli")
+logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:

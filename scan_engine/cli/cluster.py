@@ -15,54 +15,21 @@ import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from PIL import Image, ImageOps
 
+from scan_engine.cli.overrides import (
+    add_override_option,
+    nest_overrides,
+    parse_overcluster,
+    parse_range,
+)
 from scan_engine.config import PRESETS, ConfigError, default_cluster_range, make_config
 from scan_engine.data import load_collection
 from scan_engine.outputs import write_outputs
 from scan_engine.results import ProgressEvent
 
-logger = logging.getLogger("scan_engine.cli")
-
-
-def parse_overcluster(text: str | None) -> float | list[int] | None:
-    """'2' or '1.5' is a factor; '20,30' is a list of cluster counts."""
-    if text is None:
-        return None
-    try:
-        if "," in text:
-            return [int(part) for part in text.split(",") if part.strip()]
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--overcluster takes a factor (2) or a list of counts (20,30), not {text!r}"
-        ) from None
-
-
-def parse_range(text: str) -> tuple[int, int]:
-    """'5-30' or '5,30' -> (5, 30)."""
-    parts = text.replace(",", "-").split("-")
-    try:
-        low, high = (int(part) for part in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--clusters-range takes LOW-HIGH (e.g. 5-30), not {text!r}"
-        ) from None
-    return low, high
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'scan.epochs=5' -> (['scan', 'epochs'], 5); values are read as JSON when they parse."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, not {text!r}")
-    key, raw = text.split("=", 1)
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip().split("."), value
+logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,28 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        type=parse_override,
-        default=[],
-        metavar="KEY=VALUE",
-        help="any config field, e.g. --set pretext.epochs=50 (repeatable)",
-    )
+    add_override_option(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
-
-
-def nest_overrides(overrides: list[tuple[list[str], Any]]) -> dict[str, Any]:
-    """[(["scan", "epochs"], 5), ...] from --set options -> {"scan": {"epochs": 5}, ...}."""
-    nested: dict[str, Any] = {}
-    for path, value in overrides:
-        node = nested
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return nested
 
 
 def _original_loader(source: Path, paths: list[str]) -> Callable[[int], Image.Image | None]:

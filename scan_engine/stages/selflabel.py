@@ -1,0 +1,105 @@
+"""Stage 4, selflabel: confident predictions become labels for strongly augmented views
+(scan_engine.selflabel). When no prediction is ever confident, the SCAN result is kept."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from scan_engine.augment import StrongAugment
+from scan_engine.config import ScanConfig
+from scan_engine.runtime import Runtime
+from scan_engine.selflabel import run_selflabel
+from scan_engine.stages.base import RunContext, RunState, Stage, StageReport, clustering_settings
+from scan_engine.stages.scan import cached_head_features
+from scan_engine.training import device_generator
+
+__all__ = ["SelfLabelStage", "augmented_features", "CACHED_AUGMENTED_VIEWS"]
+
+# Strongly augmented feature views cached for self-labeling when the backbone is fixed.
+CACHED_AUGMENTED_VIEWS = 2
+
+
+def augmented_features(
+    backbone: torch.nn.Module,
+    images: torch.Tensor,
+    config: ScanConfig,
+    runtime: Runtime,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """(V, N, D) features of V strongly augmented views, computed once when the backbone is
+    fixed (the heads' strong views then cost no backbone pass per step)."""
+    augment = StrongAugment(config.image_size)
+    on_device = device_generator(runtime.device, generator)
+    views = []
+    backbone.eval()
+    with torch.inference_mode():
+        for _ in range(CACHED_AUGMENTED_VIEWS):
+            parts = []
+            for start in range(0, images.shape[0], config.eval_batch_size):
+                batch = runtime.images(images[start : start + config.eval_batch_size])
+                with runtime.autocast():
+                    strong = augment(batch, generator=on_device)
+                    parts.append(F.normalize(backbone(strong).float(), dim=1).cpu())
+            views.append(torch.cat(parts))
+    with torch.inference_mode(False):
+        return torch.stack(views).clone()
+
+
+class SelfLabelStage(Stage):
+    name = "selflabel"
+    weight = 0.11
+    weight_with_fixed_backbone = 0.03
+
+    def settings(self, config: ScanConfig) -> dict[str, Any]:
+        return clustering_settings(config, with_selflabel=True)
+
+    def skip_reason(self, ctx: RunContext, state: RunState) -> str | None:
+        if not ctx.config.selflabel.enabled or ctx.config.selflabel.epochs == 0:
+            return "self-labeling disabled by the config"
+        return None
+
+    def compute(self, ctx: RunContext, state: RunState) -> dict[str, Any]:
+        assert state.clustering is not None
+        features = cached_head_features(ctx, state)
+        augmented = None
+        if features is not None:
+            augmented = augmented_features(
+                state.clustering.backbone, ctx.images, ctx.config, ctx.runtime, ctx.generator
+            )
+        stats = run_selflabel(
+            state.clustering,
+            ctx.images,
+            ctx.config,
+            ctx.runtime,
+            ctx.reporter,
+            ctx.generator,
+            ctx.budget.for_stage(self.name),
+            features=features,
+            augmented_features=augmented,
+        )
+        return {
+            "model": state.clustering.state_dict(),
+            "stats": vars(stats),
+            "trained": stats.trained,
+        }
+
+    def restore(self, ctx: RunContext, state: RunState, payload: dict[str, Any]) -> StageReport:
+        assert state.clustering is not None and state.scan_state is not None
+        stats = payload["stats"]
+        keys = ("steps", "epochs", "confident_per_epoch", "skipped_batches")
+        report = StageReport(
+            images_per_s=stats["images_per_s"], metrics={"selflabel": {k: stats[k] for k in keys}}
+        )
+        if payload["trained"]:
+            state.clustering.load_state_dict(payload["model"])
+            state.final_stage = self.name
+        else:
+            state.clustering.load_state_dict(state.scan_state)
+            report.notes.append(
+                f"self-labeling found no prediction above the {ctx.config.selflabel.threshold} "
+                "confidence threshold; the SCAN result is kept"
+            )
+        return report
