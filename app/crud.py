@@ -64,11 +64,13 @@ def create_job(
     cluster_counts: list[int],
     overrides: dict[str, Any],
     config: dict[str, Any],
+    backbone: str | None = None,
     active_limit: int = 0,
 ) -> Job:
     """Insert a queued job and commit it (a worker told about it must find the row).
 
-    `config` is the resolved ScanConfig as JSON. With `active_limit` > 0, an owner with that many
+    `config` is the resolved ScanConfig as JSON; `backbone` the pretrained route's (None:
+    scratch). With `active_limit` > 0, an owner with that many
     queued or running jobs gets JobLimitReached and nothing is written.
     """
     if active_limit:
@@ -91,6 +93,7 @@ def create_job(
         overcluster=overcluster,
         cluster_counts=cluster_counts,
         preset=preset,
+        backbone=backbone,
         overrides=overrides,
         config=config,
     )
@@ -156,6 +159,25 @@ def _job_k(job: Job) -> int | None:
     return None if choosing and job.status != JobStatus.SUCCEEDED else job.num_clusters
 
 
+def _features_from_cache(run_report: dict[str, Any] | None) -> bool | None:
+    value = (run_report or {}).get("features_from_cache")
+    return value if isinstance(value, bool) else None
+
+
+def _route(job: Job) -> str:
+    """pretrained (a named backbone, or a ResNet state dict in backbone_weights) or scratch."""
+    reported = (job.run_report or {}).get("route")
+    if isinstance(reported, str):
+        return reported
+    frozen = job.backbone is not None or (job.config or {}).get("backbone_weights") is not None
+    return "pretrained" if frozen else "scratch"
+
+
+def _image_size(job: Job) -> int | None:
+    value = (job.run_report or {}).get("image_size", (job.config or {}).get("image_size"))
+    return value if isinstance(value, int) else None
+
+
 def jobs_public(session: Session, jobs: Sequence[Job]) -> list[JobPublic]:
     """JobPublic for each job, with its result sets (one query for all of them)."""
     non_empty = func.count(Cluster.id).filter(Cluster.size > 0)
@@ -193,6 +215,11 @@ def jobs_public(session: Session, jobs: Sequence[Job]) -> list[JobPublic]:
             overcluster=job.overcluster,
             cluster_counts=job.cluster_counts,
             preset=job.preset,
+            route=_route(job),
+            backbone=job.backbone,
+            image_size=_image_size(job),
+            features_from_cache=_features_from_cache(job.run_report),
+            run_report=job.run_report,
             overrides=job.overrides,
             config=job.config,
             timings=job.timings,
