@@ -117,3 +117,37 @@ def test_needs_an_api_key_like_the_other_routes(
         key = create_api_key("someone")
         answer = client.get(BACKBONES, headers={"Authorization": f"Bearer {key}"})
         assert answer.status_code == 200 and answer.json()["items"]
+
+
+def test_new_job_page_offers_the_backbones(client: TestClient, empty_hub_caches: Path) -> None:
+    page = client.get("/")
+    assert page.status_code == 200
+    select = page.text[page.text.index('<select id="backbone"') :]
+    select = select[: select.index("</select>")]
+    assert 'data-pretrained-presets="pretrained"' in select
+    assert '<option value="efficientnet_lite0" selected>' in select  # the default, chosen
+    dinov2 = select[select.index('<option value="dinov2_vits14"') :].split("</option>")[0]
+    assert " disabled " in dinov2 and "scan-weights import dinov2_vits14" in dinov2  # the reason
+    assert "no weights on this server" in dinov2
+
+
+def test_job_and_gallery_pages_show_backbone_size_and_cache(
+    client: TestClient, dataset: dict[str, Any], make_job: Any
+) -> None:
+    from scan_engine.config import make_config
+
+    config = make_config("pretrained", num_clusters=3).to_json_dict()
+    job_id = make_job(
+        dataset["id"],
+        status="succeeded",
+        preset="pretrained",
+        backbone="efficientnet_lite0",
+        config=config,
+        run_report={"route": "pretrained", "image_size": 224, "features_from_cache": True},
+    )
+    for path in (f"/jobs/{job_id}", f"/jobs/{job_id}/gallery"):
+        page = client.get(path)
+        assert page.status_code == 200
+        assert "backbone efficientnet_lite0 · 224 px · features from the cache" in page.text
+    scratch = make_job(dataset["id"], status="queued")  # tiny: SimCLR, run_report not yet known
+    assert "SimCLR from scratch · 32 px</span>" in client.get(f"/jobs/{scratch}").text
