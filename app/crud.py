@@ -15,12 +15,23 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from app.db.models import Assignment, Cluster, Job, JobStatus, Owner, ResultSet, utcnow
+from app.db.models import (
+    Assignment,
+    Cluster,
+    Dataset,
+    Job,
+    JobStatus,
+    Owner,
+    ResultSet,
+    utcnow,
+)
 from app.db.models import Image as ImageRow
 from app.db.session import get_sessionmaker
 from app.schemas import AssignmentPublic, AssignmentsPublic, JobPublic, ResultSetPublic
 
 __all__ = [
+    "DatasetInUse",
+    "delete_dataset",
     "JobLimitReached",
     "create_job",
     "delete_unsent_job",
@@ -38,6 +49,43 @@ __all__ = [
 ]
 
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+
+
+class DatasetInUse(Exception):
+    """The dataset has queued or running jobs."""
+
+    def __init__(self, active: int) -> None:
+        super().__init__(f"{active} queued or running jobs")
+        self.active = active
+
+
+def delete_dataset(session: Session, dataset_id: str) -> list[str]:
+    """Delete the dataset's row with its images and jobs (and their results), committed; the
+    ids of the jobs removed, whose folders the caller removes. DatasetInUse, and nothing
+    deleted, while one of its jobs is queued or running."""
+    # The dataset's row lock: a job created meanwhile for it waits, then finds it gone.
+    session.execute(select(Dataset.id).where(Dataset.id == dataset_id).with_for_update())
+    jobs = session.execute(select(Job.id, Job.status).where(Job.dataset_id == dataset_id)).all()
+    active = sum(1 for _, status in jobs if status in ACTIVE)
+    if active:
+        session.rollback()
+        raise DatasetInUse(active)
+    # Explicit deletes, children first: no reliance on the database enforcing the cascades.
+    job_ids = [job_id for job_id, _ in jobs]
+    if job_ids:
+        result_sets = select(ResultSet.id).where(ResultSet.job_id.in_(job_ids))
+        session.execute(delete(Assignment).where(Assignment.result_set_id.in_(result_sets)))
+        session.execute(delete(Cluster).where(Cluster.result_set_id.in_(result_sets)))
+        session.execute(delete(ResultSet).where(ResultSet.job_id.in_(job_ids)))
+        session.execute(delete(Job).where(Job.id.in_(job_ids)))
+    session.execute(delete(ImageRow).where(ImageRow.dataset_id == dataset_id))
+    session.execute(delete(Dataset).where(Dataset.id == dataset_id))
+    session.commit()
+    return job_ids
 
 
 # ---------------------------------------------------------------------------------------------
