@@ -96,7 +96,7 @@ def test_default_preset_and_factor(client: TestClient, dataset: dict[str, Any]) 
             {"num_clusters": 3, "overrides": {"pretrained_backbone": "dinov2_vits14"}},
             "set backbone with its own field",
         ),
-        ({"num_clusters": 3, "overrides": {"models_dir": "/"}}, "models_dir with its own"),
+        ({"num_clusters": 3, "overrides": {"models_dir": "/"}}, "models_dir belong to the server"),
         ({"num_clusters": 3, "backbone": "resnet9000"}, "unknown backbone 'resnet9000'; known:"),
         (
             {"num_clusters": 3, "preset": "tiny", "backbone": "efficientnet_lite0"},

@@ -32,18 +32,17 @@ logger = logging.getLogger(__name__)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": Message} for code in (401, 404, 409, 422, 429, 503)
 }
-# Set through JobCreate's own fields (or by the worker: the server's folders); in overrides
-# they would clash inside make_config.
+# Set through JobCreate's own fields; in overrides they would clash inside make_config.
 _RESERVED_OVERRIDES = (
     "num_clusters",
     "overcluster",
     "preset",
     "num_clusters_range",
     "pretrained_backbone",
-    "models_dir",
-    "feature_cache_dir",
 )
 _OWN_FIELD = {"pretrained_backbone": "backbone"}
+# This server's folders: the worker sets them (MODELS_DIR, the dataset's feature cache).
+_SERVER_OVERRIDES = ("models_dir", "feature_cache_dir")
 
 
 def _resolve_weights(overrides: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -91,6 +90,11 @@ def _job_config(
     clashing = [_OWN_FIELD.get(key, key) for key in _RESERVED_OVERRIDES if key in body.overrides]
     if clashing:
         raise HTTPException(422, f"set {', '.join(clashing)} with its own field, not in overrides")
+    server_owned = [key for key in _SERVER_OVERRIDES if key in body.overrides]
+    if server_owned:
+        raise HTTPException(
+            422, f"{', '.join(server_owned)} belong to the server's setup, not to a request"
+        )
     overrides = _resolve_weights(body.overrides, settings)
     # K unknown (a range, or neither K nor a range): the worker passes the range on to the
     # pipeline through the stored overrides, and the job's K is the chosen one once it succeeds.
