@@ -15,12 +15,23 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from app.db.models import Assignment, Cluster, Job, JobStatus, Owner, ResultSet, utcnow
+from app.db.models import (
+    Assignment,
+    Cluster,
+    Dataset,
+    Job,
+    JobStatus,
+    Owner,
+    ResultSet,
+    utcnow,
+)
 from app.db.models import Image as ImageRow
 from app.db.session import get_sessionmaker
 from app.schemas import AssignmentPublic, AssignmentsPublic, JobPublic, ResultSetPublic
 
 __all__ = [
+    "DatasetInUse",
+    "delete_dataset",
     "JobLimitReached",
     "create_job",
     "delete_unsent_job",
@@ -38,6 +49,43 @@ __all__ = [
 ]
 
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+
+
+class DatasetInUse(Exception):
+    """The dataset has queued or running jobs."""
+
+    def __init__(self, active: int) -> None:
+        super().__init__(f"{active} queued or running jobs")
+        self.active = active
+
+
+def delete_dataset(session: Session, dataset_id: str) -> list[str]:
+    """Delete the dataset's row with its images and jobs (and their results), committed; the
+    ids of the jobs removed, whose folders the caller removes. DatasetInUse, and nothing
+    deleted, while one of its jobs is queued or running."""
+    # The dataset's row lock: a job created meanwhile for it waits, then finds it gone.
+    session.execute(select(Dataset.id).where(Dataset.id == dataset_id).with_for_update())
+    jobs = session.execute(select(Job.id, Job.status).where(Job.dataset_id == dataset_id)).all()
+    active = sum(1 for _, status in jobs if status in ACTIVE)
+    if active:
+        session.rollback()
+        raise DatasetInUse(active)
+    # Explicit deletes, children first: no reliance on the database enforcing the cascades.
+    job_ids = [job_id for job_id, _ in jobs]
+    if job_ids:
+        result_sets = select(ResultSet.id).where(ResultSet.job_id.in_(job_ids))
+        session.execute(delete(Assignment).where(Assignment.result_set_id.in_(result_sets)))
+        session.execute(delete(Cluster).where(Cluster.result_set_id.in_(result_sets)))
+        session.execute(delete(ResultSet).where(ResultSet.job_id.in_(job_ids)))
+        session.execute(delete(Job).where(Job.id.in_(job_ids)))
+    session.execute(delete(ImageRow).where(ImageRow.dataset_id == dataset_id))
+    session.execute(delete(Dataset).where(Dataset.id == dataset_id))
+    session.commit()
+    return job_ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,11 +112,13 @@ def create_job(
     cluster_counts: list[int],
     overrides: dict[str, Any],
     config: dict[str, Any],
+    backbone: str | None = None,
     active_limit: int = 0,
 ) -> Job:
     """Insert a queued job and commit it (a worker told about it must find the row).
 
-    `config` is the resolved ScanConfig as JSON. With `active_limit` > 0, an owner with that many
+    `config` is the resolved ScanConfig as JSON; `backbone` the pretrained route's (None:
+    scratch). With `active_limit` > 0, an owner with that many
     queued or running jobs gets JobLimitReached and nothing is written.
     """
     if active_limit:
@@ -91,6 +141,7 @@ def create_job(
         overcluster=overcluster,
         cluster_counts=cluster_counts,
         preset=preset,
+        backbone=backbone,
         overrides=overrides,
         config=config,
     )
@@ -156,6 +207,25 @@ def _job_k(job: Job) -> int | None:
     return None if choosing and job.status != JobStatus.SUCCEEDED else job.num_clusters
 
 
+def _features_from_cache(run_report: dict[str, Any] | None) -> bool | None:
+    value = (run_report or {}).get("features_from_cache")
+    return value if isinstance(value, bool) else None
+
+
+def _route(job: Job) -> str:
+    """pretrained (a named backbone, or a ResNet state dict in backbone_weights) or scratch."""
+    reported = (job.run_report or {}).get("route")
+    if isinstance(reported, str):
+        return reported
+    frozen = job.backbone is not None or (job.config or {}).get("backbone_weights") is not None
+    return "pretrained" if frozen else "scratch"
+
+
+def _image_size(job: Job) -> int | None:
+    value = (job.run_report or {}).get("image_size", (job.config or {}).get("image_size"))
+    return value if isinstance(value, int) else None
+
+
 def jobs_public(session: Session, jobs: Sequence[Job]) -> list[JobPublic]:
     """JobPublic for each job, with its result sets (one query for all of them)."""
     non_empty = func.count(Cluster.id).filter(Cluster.size > 0)
@@ -193,6 +263,11 @@ def jobs_public(session: Session, jobs: Sequence[Job]) -> list[JobPublic]:
             overcluster=job.overcluster,
             cluster_counts=job.cluster_counts,
             preset=job.preset,
+            route=_route(job),
+            backbone=job.backbone,
+            image_size=_image_size(job),
+            features_from_cache=_features_from_cache(job.run_report),
+            run_report=job.run_report,
             overrides=job.overrides,
             config=job.config,
             timings=job.timings,

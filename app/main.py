@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from app.api.routes import datasets, gallery, health, jobs, pages, predict, results
+from app.api.routes import backbones, datasets, gallery, health, jobs, pages, predict, results
 from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
 from app.db.migrate import upgrade_to_head
@@ -90,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     api = APIRouter(prefix=API_PREFIX)
+    api.include_router(backbones.router)
     api.include_router(datasets.router)
     api.include_router(jobs.router)
     api.include_router(results.router)

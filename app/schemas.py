@@ -64,6 +64,27 @@ class ImagesPublic(BaseModel):
     limit: int
 
 
+class BackbonePublic(BaseModel):
+    name: str
+    feature_dim: int = Field(description="D of the features the heads train on.")
+    input_size: int = Field(description="Square side (px) the backbone runs at: the job's size.")
+    weights_present: bool = Field(description="A job can use it now (no import needed).")
+    weights_source: str | None = Field(
+        description="Where the weights are: models_dir, bundled (an installed package) or hub."
+    )
+    default: bool = Field(description="What a pretrained-route job without `backbone` gets.")
+    licence: str
+    notes: str
+    unavailable_reason: str | None = Field(
+        description="Why a job cannot use it, with the scan-weights command that fixes it."
+    )
+
+
+class BackbonesPublic(BaseModel):
+    items: list[BackbonePublic]
+    default: str = Field(description="DEFAULT_BACKBONE")
+
+
 class JobCreate(BaseModel):
     """A clustering request. `overrides` is a nested dict for scan_engine.config.make_config."""
 
@@ -84,7 +105,16 @@ class JobCreate(BaseModel):
     overcluster: float | list[int] | None = Field(
         None, description="A factor >= 1 (C = ceil(factor*K)) or a list of extra cluster counts."
     )
-    preset: str | None = Field(None, description="paper, gpu, cpu or tiny; default from settings.")
+    preset: str | None = Field(
+        None,
+        description="pretrained (features of a backbone), or paper, gpu, cpu, tiny (SimCLR from "
+        "scratch); default from settings (DEFAULT_PRESET).",
+    )
+    backbone: str | None = Field(
+        None,
+        description="Pretrained route: a backbone from GET /api/v1/backbones whose weights are "
+        "present; default DEFAULT_BACKBONE. Not with a scratch preset.",
+    )
     overrides: dict[str, Any] = Field(
         default_factory=dict, description='Nested config overrides, e.g. {"scan": {"epochs": 5}}.'
     )
@@ -128,6 +158,19 @@ class JobPublic(BaseModel):
     overcluster: float | list[int] | None
     cluster_counts: list[int]
     preset: str
+    route: str = Field(description="pretrained (backbone features) or scratch (SimCLR).")
+    backbone: str | None = Field(description="The pretrained route's backbone; null: scratch.")
+    image_size: int | None = Field(description="Side (px) the images are run at.")
+    features_from_cache: bool | None = Field(
+        None,
+        description="Pretrained route, once run: true when the features came from the dataset's "
+        "cache (an earlier job embedded them); null when not known.",
+    )
+    run_report: dict[str, Any] | None = Field(
+        None,
+        description="What the engine reported about the route it ran (route, backbone, "
+        "image_size, features_from_cache, ...), once the job has run.",
+    )
     overrides: dict[str, Any]
     config: dict[str, Any]
     timings: dict[str, float]

@@ -10,7 +10,14 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "ConfigError",
@@ -111,11 +118,34 @@ class ScanConfig(_Frozen):
         "before the SCAN step and sets num_clusters to it (default: low, until chosen).",
     )
     k_selection: KSelectionConfig = KSelectionConfig()
-    image_size: int = Field(32, ge=8, le=512, description="Shorter side resized, centre crop.")
+    image_size: int = Field(
+        32,
+        ge=8,
+        le=512,
+        description="Shorter side resized, centre crop. The pretrained route sets it to the "
+        "backbone's input size.",
+    )
     backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
     backbone_width: int = Field(64, ge=8, description="Channels of the first stage (64 = stock).")
     backbone_weights: str | None = Field(
         None, description="Local state dict: skips the pretext and freezes the backbone."
+    )
+    pretrained_backbone: str | None = Field(
+        None,
+        description="A named backbone (scan_engine.backbones, e.g. efficientnet_lite0, "
+        "dinov2_vits14): the pretrained route. Its features are streamed once per collection "
+        "and cached, no pretext runs, and the heads train on the features; image_size is the "
+        "backbone's own input size. None: SimCLR from scratch (the scratch route).",
+    )
+    models_dir: str | None = Field(
+        None,
+        description="The models folder holding imported backbone weights (scan-weights); "
+        "bundled and hub-cached weights need none.",
+    )
+    feature_cache_dir: str | None = Field(
+        None,
+        description="Where the pretrained route caches features; give every job on one "
+        "collection the same folder so that later jobs reuse them. None: inside the work folder.",
     )
     pretext: PretextConfig = PretextConfig()
     scan: ScanStepConfig = ScanStepConfig()
@@ -151,6 +181,47 @@ class ScanConfig(_Frozen):
             if isinstance(span, list | tuple) and span and isinstance(span[0], int):
                 values = {**values, "num_clusters": max(2, span[0])}
         return values
+
+    @model_validator(mode="before")
+    @classmethod
+    def _image_size_from_backbone(cls, values: Any) -> Any:
+        # The pretrained route feeds the backbone its own input size, whichever backbone it is.
+        if (
+            isinstance(values, dict)
+            and values.get("pretrained_backbone") is not None
+            and values.get("image_size") is None
+        ):
+            size = _backbone_input_size(values["pretrained_backbone"])
+            if size is not None:
+                values = {**values, "image_size": size}
+        return values
+
+    @field_validator("pretrained_backbone")
+    @classmethod
+    def _known_backbone(cls, name: str | None) -> str | None:
+        if name is not None and _backbone_input_size(name) is None:
+            from scan_engine.backbones.registry import list_backbones
+
+            known = ", ".join(sorted(spec.name for spec in list_backbones()))
+            raise ValueError(f"unknown backbone {name!r}; known: {known}")
+        return name
+
+    @model_validator(mode="after")
+    def _check_pretrained_backbone(self) -> ScanConfig:
+        if self.pretrained_backbone is None:
+            return self
+        size = _backbone_input_size(self.pretrained_backbone)
+        if self.image_size != size:
+            raise ValueError(
+                f"image_size {self.image_size} does not fit backbone "
+                f"{self.pretrained_backbone!r}, which runs at {size} px (leave image_size out)"
+            )
+        if self.backbone_weights is not None:
+            raise ValueError(
+                "backbone_weights (a ResNet state dict) and pretrained_backbone are two routes; "
+                "give one of them"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_range(self) -> ScanConfig:
@@ -207,9 +278,34 @@ class ScanConfig(_Frozen):
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    @property
+    def route(self) -> Literal["pretrained", "scratch"]:
+        """pretrained: features of a named backbone; scratch: SimCLR on the collection."""
+        return "pretrained" if self.pretrained_backbone is not None else "scratch"
+
+
+def _backbone_input_size(name: object) -> int | None:
+    """The registry's input size for backbone `name`; None when there is no such backbone."""
+    # Imported here: the registry's package brings torch, which a config alone does not need.
+    from scan_engine.backbones.registry import UnknownBackboneError, get_spec
+
+    try:
+        return get_spec(str(name)).input_size
+    except UnknownBackboneError:
+        return None
+
 
 # Presets are partial overrides on top of the paper defaults.
 PRESETS: dict[str, dict[str, Any]] = {
+    # The default: features of a real ImageNet-trained backbone whose weights ship with the
+    # package (no download), cached once per collection; only the heads train, on a CPU in
+    # seconds to minutes. image_size follows the backbone.
+    "pretrained": {
+        "pretrained_backbone": "efficientnet_lite0",
+        "pretext": {"epochs": 0},
+        "scan": {"epochs": 60, "batch_size": 256, "lr": 1e-3, "update_backbone": False},
+        "selflabel": {"epochs": 30, "batch_size": 500, "lr": 1e-3},
+    },
     # The paper's CIFAR-10 schedule, for a GPU.
     "paper": {},
     # A shorter GPU schedule: larger batches and fewer epochs.

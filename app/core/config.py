@@ -112,7 +112,24 @@ class Settings(BaseSettings):
     JOB_DEVICE: str = Field(
         default="", description="torch device for jobs; empty = CUDA if present."
     )
-    DEFAULT_PRESET: str = Field(default="cpu", description="Preset when a job request names none.")
+    DEFAULT_PRESET: str = Field(
+        default="pretrained",
+        description="Preset when a job request names none. pretrained: features of a named "
+        "backbone (DEFAULT_BACKBONE), heads trained on them; cpu, gpu, paper, tiny: SimCLR "
+        "from scratch on the collection.",
+    )
+    DEFAULT_BACKBONE: str = Field(
+        default="efficientnet_lite0",
+        description="Backbone of pretrained-route jobs that name none. efficientnet_lite0's "
+        "weights ship with the package; where the workers hold DINOv2 weights (scan-weights "
+        "import / fetch into MODELS_DIR) set dinov2_vits14 for better clusters.",
+    )
+    MODELS_DIR: Path | None = Field(
+        default=None,
+        description="Imported backbone weights (the `scan-weights` layout: manifest.json, "
+        "weights/<sha256>.safetensors); shared by the API and every worker. Empty = "
+        "DATA_DIR/models.",
+    )
     PROGRESS_INTERVAL_S: float = Field(
         default=0.5, ge=0, description="Min seconds between DB writes."
     )
@@ -173,6 +190,9 @@ class Settings(BaseSettings):
     def _resolve(self) -> Settings:
         # Resolved once so every reader (API, worker, alembic) sees the same absolute values.
         self.DATA_DIR = self.DATA_DIR.expanduser().resolve()
+        if self.MODELS_DIR is None or not str(self.MODELS_DIR):
+            self.MODELS_DIR = self.DATA_DIR / "models"
+        self.MODELS_DIR = self.MODELS_DIR.expanduser().resolve()
         if not self.DATABASE_URL:
             self.DATABASE_URL = f"sqlite:///{self.DATA_DIR / 'scan.db'}"
         self.DATABASE_URL = normalize_database_url(self.DATABASE_URL)

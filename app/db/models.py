@@ -163,6 +163,8 @@ class Job(Base):
     overcluster: Mapped[float | list[int] | None] = mapped_column(JSON)  # factor or list of C
     cluster_counts: Mapped[list[int]] = mapped_column(JSON, default=list)  # every C trained
     preset: Mapped[str] = mapped_column(String(32))
+    # The pretrained route's backbone (scan_engine.backbones name); None: SimCLR from scratch.
+    backbone: Mapped[str | None] = mapped_column(String(64))
     overrides: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     config: Mapped[dict[str, Any]] = mapped_column(JSON)  # the resolved ScanConfig
     # Progress, written by the running job.
@@ -180,6 +182,9 @@ class Job(Base):
     timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     notes: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # The engine report's account of the route it ran (route, backbone, image_size,
+    # features_from_cache: whatever of these it gave); None until the job has succeeded.
+    run_report: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     work_dir: Mapped[str | None] = mapped_column(String(255))  # relative to DATA_DIR
     model_path: Mapped[str | None] = mapped_column(String(255))  # relative to DATA_DIR

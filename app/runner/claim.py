@@ -43,7 +43,9 @@ class ClaimedJob:
     `stored_paths` and `labels` is the image at position i of the dataset."""
 
     job_id: str
+    dataset_id: str
     preset: str
+    backbone: str | None  # the pretrained route's backbone; None: SimCLR from scratch
     num_clusters: int
     overcluster: float | list[int] | None
     overrides: dict[str, Any]
@@ -147,7 +149,9 @@ def claim_job(
             labels = None
         return ClaimedJob(
             job_id=job_id,
+            dataset_id=job.dataset_id,
             preset=job.preset,
+            backbone=job.backbone,
             num_clusters=job.num_clusters,
             overcluster=job.overcluster,
             overrides=dict(job.overrides or {}),

@@ -24,7 +24,7 @@ from app.storage import Storage
 if TYPE_CHECKING:
     from scan_engine.results import PipelineResult
 
-__all__ = ["save_results", "jsonable"]
+__all__ = ["save_results", "jsonable", "route_report", "ROUTE_REPORT_KEYS"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,33 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "tolist") and not isinstance(value, str | int | float | bool):
         return value.tolist()
     return value
+
+
+# What the job keeps of the engine's report: which route ran, on what, and whether the features
+# were computed or came from the dataset's cache.
+ROUTE_REPORT_KEYS = (
+    "route",
+    "backbone",
+    "image_size",
+    "features_from_cache",
+    "weights_sha256",
+    "weights_source",
+)
+
+
+def route_report(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ROUTE_REPORT_KEYS the engine's report holds, at its top level or inside a `route`
+    section; None when it holds none of them (an older engine)."""
+    if not isinstance(report, dict):
+        return None
+    found: dict[str, Any] = {}
+    section = report.get("route")
+    if isinstance(section, dict):
+        found.update({k: section[k] for k in ROUTE_REPORT_KEYS if k in section})
+    found.update(
+        {k: report[k] for k in ROUTE_REPORT_KEYS if k in report and not isinstance(report[k], dict)}
+    )
+    return jsonable(found) if found else None
 
 
 def save_results(
@@ -148,6 +175,7 @@ def save_results(
         job.timings = jsonable(result.timings)
         job.metrics = jsonable(result.metrics) if result.metrics else None
         job.notes = [str(note) for note in result.notes]
+        job.run_report = route_report(getattr(result, "report", None))
         job.message = None
         k_selection = getattr(result, "k_selection", None)
         if k_selection is not None:  # K chosen by the pipeline: the job's K from now on

@@ -1,7 +1,9 @@
 """Run one clustering job: the single job function the embedded worker and the Celery task call.
 
-`run_job(job_id)` claims the job (app.runner.claim: takes its lease, reads its images), loads
-the stored images with scan_engine.data.load_files, builds the config with make_config, runs
+`run_job(job_id)` claims the job (app.runner.claim: takes its lease, reads its images), builds
+the config with make_config, loads the stored images (the scratch route: all of them as pixels,
+scan_engine.data.load_files; the pretrained route: a list of files, scan_engine.sources, that the
+engine streams through the backbone, its features cached per dataset), runs
 scan_engine.pipeline.run in DATA_DIR/jobs/<id>/work (a rerun resumes from the checkpoints
 there) with the callbacks of app.runner.engine_callbacks, and stores the results
 (app.runner.results). A heartbeat thread renews the lease; every write is conditional on still
@@ -13,10 +15,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.backbones import feature_cache_dir
 from app.core.config import Settings, get_settings
 from app.db.models import Job, JobStatus
 from app.db.session import get_sessionmaker
@@ -27,34 +31,49 @@ from app.runner.results import save_results
 from app.storage import Storage
 from scan_engine.results import StopRequested
 
-__all__ = ["run_job"]
+if TYPE_CHECKING:
+    from scan_engine.config import ScanConfig
+
+__all__ = ["run_job", "job_config"]
 
 logger = logging.getLogger(__name__)
 
 
-def _run_pipeline(
-    claimed: ClaimedJob,
-    factory: sessionmaker[Session],
-    settings: Settings,
-    storage: Storage,
-    stop: StopFlag,
-    holder: str | None = None,
-) -> str:
-    """Load the claimed job's images, run the engine pipeline, store the results; the status."""
-    # Imported here: the engine (and torch) load only in processes that run jobs.
+def job_config(claimed: ClaimedJob, settings: Settings) -> ScanConfig:
+    """The claimed job's engine config: as stored, plus this machine's folders on the
+    pretrained route (MODELS_DIR; the dataset's feature cache, shared by all its jobs)."""
     from scan_engine.config import make_config
-    from scan_engine.data import load_files
 
-    config = make_config(
+    route: dict[str, Any] = {}
+    if claimed.backbone is not None:
+        route = {
+            "pretrained_backbone": claimed.backbone,
+            "models_dir": str(settings.MODELS_DIR),
+            "feature_cache_dir": str(feature_cache_dir(settings, claimed.dataset_id)),
+        }
+    return make_config(
         claimed.preset,
         num_clusters=claimed.num_clusters,
         overcluster=claimed.overcluster,
         **claimed.overrides,
+        **route,
     )
+
+
+def _collection(claimed: ClaimedJob, config: ScanConfig, storage: Storage) -> Any:
+    """The pretrained route: ImageSources (files listed, decoded while streaming); the scratch
+    route: an ImageCollection of every image as pixels at the config's size."""
+    from scan_engine.data import load_files
+    from scan_engine.sources import ImageSources
+
     entries = [
         (image_id, storage.abspath(path))
         for image_id, path in zip(claimed.image_ids, claimed.stored_paths, strict=True)
     ]
+    if config.pretrained_backbone is not None:
+        return ImageSources.from_files(
+            entries, labels=claimed.labels, class_names=claimed.class_names
+        )
     collection = load_files(
         entries,
         image_size=config.image_size,
@@ -67,19 +86,40 @@ def _run_pipeline(
             f"{len(collection.skipped)} stored images could not be read "
             f"(first: {first.path}: {first.reason})"
         )
+    return collection
+
+
+def _run_pipeline(
+    claimed: ClaimedJob,
+    factory: sessionmaker[Session],
+    settings: Settings,
+    storage: Storage,
+    stop: StopFlag,
+    holder: str | None = None,
+) -> str:
+    """Load the claimed job's images, run the engine pipeline, store the results; the status."""
+    # Imported here: the engine (and torch) load only in processes that run jobs.
     from scan_engine import pipeline  # type: ignore[attr-defined,unused-ignore]
+
+    config = job_config(claimed, settings)
+    collection = _collection(claimed, config, storage)
 
     work_dir = storage.abspath(claimed.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     writer = ProgressWriter(claimed.job_id, factory, settings.PROGRESS_INTERVAL_S, holder)
-    result = pipeline.run(
-        collection,
-        config,
-        work_dir,
-        progress=writer,
-        should_stop=stop,
-        device=settings.JOB_DEVICE or None,
-    )
+    try:
+        result = pipeline.run(
+            collection,
+            config,
+            work_dir,
+            progress=writer,
+            should_stop=stop,
+            device=settings.JOB_DEVICE or None,
+        )
+    finally:
+        close = getattr(collection, "close", None)  # ImageSources hold files open, pixels not
+        if callable(close):
+            close()
     return save_results(factory, claimed.job_id, list(collection.ids), result, storage, holder)
 
 

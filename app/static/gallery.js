@@ -74,6 +74,10 @@ function renderSummary() {
     `${set.num_clusters} clusters`,
     set.cluster_count !== set.num_clusters ? `${set.cluster_count} non-empty` : null,
     `final stage ${set.stage}`,
+    job.backbone ? `backbone ${job.backbone}` : "SimCLR from scratch",
+    job.image_size ? `${job.image_size} px` : null,
+    job.features_from_cache === true ? "features from the cache" : null,
+    job.features_from_cache === false ? "features computed" : null,
     job.duration_s !== null ? `took ${formatDuration(job.duration_s)}` : null,
   ];
   document.getElementById("gallery-summary").textContent = parts.filter(Boolean).join(" · ");

@@ -91,13 +91,34 @@ function readJobSettings() {
       throw new Error("The overrides must be a JSON object.");
     }
   }
-  return {
+  const preset = document.getElementById("preset").value;
+  const settings = {
     num_clusters: numClusters,
     overcluster: parseOvercluster(document.getElementById("overcluster").value),
-    preset: document.getElementById("preset").value,
+    preset,
     overrides,
   };
+  const backbone = document.getElementById("backbone");
+  if (presetIsPretrained(preset) && backbone.value) settings.backbone = backbone.value;
+  return settings;
 }
+
+/** Presets of the pretrained route take a backbone; the SimCLR ones train their own features. */
+function presetIsPretrained(preset) {
+  const names = (document.getElementById("backbone").dataset.pretrainedPresets || "").split(",");
+  return names.includes(preset);
+}
+
+function updateBackboneChoice() {
+  const backbone = document.getElementById("backbone");
+  const pretrained = presetIsPretrained(document.getElementById("preset").value);
+  backbone.disabled = !pretrained;
+  document.getElementById("backbone-hint").textContent = pretrained
+    ? "The pretrained route's feature extractor; features are computed once per dataset and reused by later jobs."
+    : "This preset trains its own features from scratch (SimCLR): no backbone.";
+}
+document.getElementById("preset").addEventListener("change", updateBackboneChoice);
+updateBackboneChoice();
 
 /** POST the zip with XMLHttpRequest: fetch cannot report upload progress. */
 function uploadZip(file, name, labelsFromFolders) {
@@ -223,6 +244,7 @@ function jobRow(job) {
     el("td", {}, name),
     el("td", {}, clusterText(job)),
     el("td", {}, job.preset),
+    el("td", {}, job.backbone ? `${job.backbone} · ${job.image_size} px` : `from scratch · ${job.image_size} px`),
     el("td", { title: job.created_at }, formatDate(job.created_at)),
     el("td", {}, formatDuration(job.duration_s)),
     el(

@@ -24,6 +24,19 @@ function renderStages(job) {
   }
 }
 
+/** Which route ran: the backbone and image size, and whether its features came from the cache. */
+function routeRows(job) {
+  const rows = [
+    ["route", job.route === "pretrained" ? "pretrained backbone" : "SimCLR from scratch"],
+  ];
+  if (job.backbone) rows.push(["backbone", job.backbone]);
+  if (job.image_size) rows.push(["image size", `${job.image_size} px`]);
+  if (job.features_from_cache !== null && job.features_from_cache !== undefined) {
+    rows.push(["features", job.features_from_cache ? "from the dataset's cache" : "computed by this job"]);
+  }
+  return rows;
+}
+
 function render(job) {
   const badge = document.getElementById("status-badge");
   badge.textContent = job.cancel_requested && job.status === "running" ? "stopping" : job.status;
@@ -63,6 +76,7 @@ function render(job) {
     ["started", job.started_at ? new Date(job.started_at).toLocaleString() : "–"],
     [job.finished_at ? "took" : "running for", formatDuration(elapsed)],
     ["clusterings", job.cluster_counts.join(", ")],
+    ...routeRows(job),
     ["attempts", String(job.attempts)],
   ]);
 

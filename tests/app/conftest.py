@@ -81,3 +81,15 @@ def make_job(data_dir: Path) -> Any:
         return insert_job(values | fields)
 
     return make
+
+
+@pytest.fixture
+def empty_hub_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No Hugging Face hub cache and no torch.hub checkpoints: only bundled weights and the
+    models folder count, whatever this machine has downloaded before."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    return tmp_path

@@ -257,3 +257,40 @@ def test_heic_and_avif_photos_are_accepted(client: TestClient, data_dir: Path) -
     stored = [p.suffix for p in files_under(data_dir / "datasets") if p.parent.name == "images"]
     expected = {"image/heif": ".heic", "image/avif": ".avif"}
     assert sorted(stored) == sorted(expected[media_type] for _, media_type in photos.values())
+
+
+def test_delete_removes_rows_files_jobs_and_the_feature_cache(
+    client: TestClient, dataset: dict[str, Any], make_job: Any, data_dir: Path
+) -> None:
+    from sqlalchemy import func, select
+
+    from app.db.models import Image as ImageRow
+    from app.db.models import Job
+    from app.db.session import get_sessionmaker
+
+    job_id = make_job(dataset["id"], status="succeeded")
+    features = data_dir / "features" / dataset["id"]
+    features.mkdir(parents=True)
+    (features / "entry.npz").write_bytes(b"cached features")
+    (data_dir / "jobs" / job_id / "work").mkdir(parents=True)
+    assert (data_dir / "datasets" / dataset["id"]).is_dir()
+
+    response = client.delete(f"/api/v1/datasets/{dataset['id']}")
+    assert response.status_code == 204, response.text
+    assert client.get(f"/api/v1/datasets/{dataset['id']}").status_code == 404
+    assert not features.exists() and not (data_dir / "jobs" / job_id).exists()
+    assert not (data_dir / "datasets" / dataset["id"]).exists()
+    with get_sessionmaker()() as other:
+        assert other.scalar(select(func.count()).select_from(Job)) == 0
+        assert other.scalar(select(func.count()).select_from(ImageRow)) == 0
+    assert client.delete(f"/api/v1/datasets/{dataset['id']}").status_code == 404
+
+
+def test_delete_refuses_while_a_job_is_active(
+    client: TestClient, dataset: dict[str, Any], make_job: Any, data_dir: Path
+) -> None:
+    make_job(dataset["id"], status="running")
+    response = client.delete(f"/api/v1/datasets/{dataset['id']}")
+    assert response.status_code == 409 and "queued or running" in response.json()["detail"]
+    assert client.get(f"/api/v1/datasets/{dataset['id']}").status_code == 200
+    assert (data_dir / "datasets" / dataset["id"]).is_dir()

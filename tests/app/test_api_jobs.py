@@ -68,7 +68,13 @@ def test_default_preset_and_factor(client: TestClient, dataset: dict[str, Any]) 
     )
     assert response.status_code == 202, response.text
     job = response.json()
-    assert job["preset"] == "cpu" and job["cluster_counts"] == [4, 8]
+    assert job["preset"] == "pretrained" and job["cluster_counts"] == [4, 8]
+    assert (job["route"], job["backbone"], job["image_size"]) == (
+        "pretrained",
+        "efficientnet_lite0",
+        224,
+    )
+    assert job["features_from_cache"] is None  # not run yet
     client.post(f"{JOBS}/{job['id']}/cancel")
 
 
@@ -86,6 +92,20 @@ def test_default_preset_and_factor(client: TestClient, dataset: dict[str, Any]) 
         ({"num_clusters": 3, "overrides": {"pretext": {"lr": -1}}}, "pretext.lr"),
         ({"num_clusters": 3, "overrides": {"num_clusters": 4}}, "own field"),
         ({"num_clusters": 3, "overrides": {"backbone_weights": "/etc/passwd"}}, "models folder"),
+        (
+            {"num_clusters": 3, "overrides": {"pretrained_backbone": "dinov2_vits14"}},
+            "set backbone with its own field",
+        ),
+        ({"num_clusters": 3, "overrides": {"models_dir": "/"}}, "models_dir belong to the server"),
+        ({"num_clusters": 3, "backbone": "resnet9000"}, "unknown backbone 'resnet9000'; known:"),
+        (
+            {"num_clusters": 3, "preset": "tiny", "backbone": "efficientnet_lite0"},
+            "preset 'tiny' trains its own features from scratch",
+        ),
+        (
+            {"num_clusters": 3, "overrides": {"image_size": 96}},
+            "does not fit backbone 'efficientnet_lite0'",
+        ),
         ({"num_clusters": 3, "colour": "blue"}, "colour"),
         ({"num_clusters": "three"}, "num_clusters"),
     ],
@@ -99,6 +119,48 @@ def test_bad_job_parameters_are_422_with_a_message(
     assert client.get(JOBS).json()["total"] == 0  # nothing recorded
 
 
+def test_backbone_without_weights_is_422_naming_scan_weights(
+    client: TestClient, dataset: dict[str, Any], empty_hub_caches: Path
+) -> None:
+    response = client.post(
+        JOBS, json={"dataset_id": dataset["id"], "num_clusters": 3, "backbone": "dinov2_vits14"}
+    )
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert "'dinov2_vits14' has no weights" in detail
+    assert "scan-weights import dinov2_vits14 /path/to/dinov2_vits14_pretrain.pth" in detail
+    assert "scan-weights fetch dinov2_vits14" in detail
+    assert client.get(JOBS).json()["total"] == 0
+
+
+def test_job_row_stores_the_backbone(
+    client: TestClient, dataset: dict[str, Any], data_dir: Path
+) -> None:
+    from sqlalchemy import select
+
+    from app.db.models import Job
+    from app.db.session import get_sessionmaker
+
+    chosen = client.post(
+        JOBS,
+        json={"dataset_id": dataset["id"], "num_clusters": 3, "backbone": "efficientnet_lite0"},
+    )
+    scratch = client.post(
+        JOBS, json={"dataset_id": dataset["id"], "num_clusters": 3, "preset": "cpu"}
+    )
+    assert chosen.status_code == scratch.status_code == 202, (chosen.text, scratch.text)
+    for response in (chosen, scratch):
+        client.post(f"{JOBS}/{response.json()['id']}/cancel")
+    with get_sessionmaker()() as other:
+        rows = dict(other.execute(select(Job.id, Job.backbone)).all())
+        config = other.scalar(select(Job.config).where(Job.id == chosen.json()["id"]))
+    assert rows == {chosen.json()["id"]: "efficientnet_lite0", scratch.json()["id"]: None}
+    assert config["pretrained_backbone"] == "efficientnet_lite0" and config["image_size"] == 224
+    assert config["models_dir"] is None  # this server's folders are the worker's business
+    public = scratch.json()
+    assert (public["route"], public["backbone"], public["image_size"]) == ("scratch", None, 32)
+
+
 def test_backbone_weights_from_the_models_folder(
     client: TestClient, dataset: dict[str, Any], data_dir: Path
 ) -> None:
@@ -109,6 +171,7 @@ def test_backbone_weights_from_the_models_folder(
         json={
             "dataset_id": dataset["id"],
             "num_clusters": 3,
+            "preset": "cpu",
             "overrides": {"backbone_weights": "resnet18.pt"},
         },
     )

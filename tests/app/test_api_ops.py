@@ -31,6 +31,7 @@ def test_openapi_documents_the_api(client: TestClient) -> None:
         "/api/v1/jobs/{job_id}/assignments",
         "/api/v1/jobs/{job_id}/clusters/{cluster_index}/prototype",
         "/api/v1/datasets/{dataset_id}/images/{image_id}",
+        "/api/v1/backbones",
     ):
         assert path in spec["paths"], path
     assert client.get("/docs").status_code == 200

@@ -81,6 +81,46 @@ def test_job_reports_result_sets(client: TestClient, finished_job: dict[str, Any
     assert job["metrics"] == {"kmeans_acc": 0.5} and job["notes"] == ["a note"]
     assert [(r["num_clusters"], r["cluster_count"]) for r in job["result_sets"]] == [(3, 3), (5, 4)]
     assert job["result_sets"][0]["metrics"] == {"acc": 0.75}
+    # The engine's report said nothing about its route: nothing is made up.
+    assert job["run_report"] is None and job["features_from_cache"] is None
+
+
+def test_the_route_the_engine_reports_is_kept_with_the_job(
+    client: TestClient, dataset: dict[str, Any], make_job: Any
+) -> None:
+    from app.core.config import get_settings
+    from app.db.session import get_sessionmaker
+    from app.runner.results import save_results
+    from app.storage import Storage
+    from scan_engine.results import PipelineResult
+
+    job_id = make_job(
+        dataset["id"], status="running", num_clusters=3, backbone="efficientnet_lite0"
+    )
+    images = client.get(f"/api/v1/datasets/{dataset['id']}/images", params={"limit": 100}).json()
+    ids = [item["id"] for item in images["items"]]
+    report = {
+        "route": "pretrained",
+        "backbone": "efficientnet_lite0",
+        "image_size": np.int64(224),  # engine numbers come back as plain JSON
+        "features_from_cache": True,
+        "timings_s": {"mine": 0.1},  # the rest of the report stays in report.json
+    }
+    result = PipelineResult([_clustering(3, len(ids))], {}, {}, {}, [], report)
+    save_results(get_sessionmaker(), job_id, ids, result, Storage(get_settings().DATA_DIR))
+    job = client.get(f"{JOBS}/{job_id}").json()
+    assert job["run_report"] == {
+        "route": "pretrained",
+        "backbone": "efficientnet_lite0",
+        "image_size": 224,
+        "features_from_cache": True,
+    }
+    assert (job["route"], job["backbone"], job["image_size"], job["features_from_cache"]) == (
+        "pretrained",
+        "efficientnet_lite0",
+        224,
+        True,
+    )
 
 
 def test_the_2d_map_is_stored_in_image_position_order(finished_job: dict[str, Any]) -> None:

@@ -152,3 +152,55 @@ def test_missing_migrations_folder_is_a_clear_error(monkeypatch, tmp_path: Path)
     with pytest.raises(RuntimeError, match=r"no database migrations at .*pip install -e"):
         migrate.upgrade_to_head(f"sqlite:///{tmp_path / 'never.db'}")
     assert not (tmp_path / "never.db").exists()  # refused before touching the database
+
+
+def _job_columns(url: str) -> set[str]:
+    engine = create_engine(url)
+    names = {column["name"] for column in inspect(engine).get_columns("jobs")}
+    engine.dispose()
+    return names
+
+
+def test_0003_adds_the_backbone_null_on_existing_jobs_and_downgrades(database_url: str) -> None:
+    from alembic import command
+    from sqlalchemy import text
+
+    from app.db.migrate import alembic_config, upgrade_to_head
+    from app.db.session import dispose_engines, get_engine
+
+    upgrade_to_head(database_url, revision="0002")
+    assert not {"backbone", "run_report"} & _job_columns(database_url)
+    engine = get_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO datasets (id, owner_id, name, created_at, storage_path, image_count, "
+                "total_bytes, has_labels, skipped, skipped_count, labels_from_folders) VALUES "
+                "('d1', 'local', 'old', '2026-01-01', 'datasets/d1', 1, 10, false, '[]', 0, "
+                "false)"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO jobs (id, owner_id, dataset_id, status, cancel_requested, "
+                "num_clusters, cluster_counts, preset, overrides, config, progress, attempts, "
+                "timings, notes, created_at, updated_at) VALUES ('j1', 'local', 'd1', "
+                "'succeeded', false, 2, '[2]', 'cpu', '{}', '{}', 1.0, 1, '{}', '[]', "
+                "'2026-01-01', '2026-01-01')"
+            )
+        )
+    upgrade_to_head(database_url)
+    with engine.connect() as connection:
+        row = connection.execute(text("SELECT id, backbone, run_report FROM jobs")).one()
+    assert tuple(row) == ("j1", None, None)
+    assert _differences(database_url) == []
+
+    config = alembic_config()
+    with get_engine(database_url).connect() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0002")
+        connection.commit()
+    assert not {"backbone", "run_report"} & _job_columns(database_url)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT id FROM jobs")).scalar() == "j1"  # kept
+    dispose_engines()

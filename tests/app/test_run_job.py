@@ -155,3 +155,45 @@ def test_embedded_worker_resumes_unfinished_jobs_at_start(
             time.sleep(0.1)
     job = client.get(f"{JOBS}/{job_id}").json()
     assert job["status"] == "failed" and "scan.epochs" in job["error"]
+
+
+def test_pretrained_route_streams_files_with_the_datasets_feature_cache(
+    dataset: dict[str, Any], make_job: Any, data_dir: Path
+) -> None:
+    """The pretrained route hands the engine a list of files (nothing decoded) and the server's
+    folders; the scratch route still loads every image as pixels at its size."""
+    from app.core.config import get_settings
+    from app.db.session import get_sessionmaker
+    from app.runner.claim import claim_job
+    from app.runner.run import _collection, job_config
+    from app.storage import Storage
+    from scan_engine.config import make_config
+    from scan_engine.data import ImageCollection
+    from scan_engine.sources import ImageSources
+
+    settings = get_settings()
+    storage = Storage(settings.DATA_DIR)
+    pretrained = make_job(
+        dataset["id"],
+        preset="pretrained",
+        backbone="efficientnet_lite0",
+        config=make_config("pretrained", num_clusters=3).to_json_dict(),
+    )
+    claimed = claim_job(pretrained, get_sessionmaker(), settings, "test:1:a")
+    assert claimed is not None and claimed.backbone == "efficientnet_lite0"
+    config = job_config(claimed, settings)
+    assert config.pretrained_backbone == "efficientnet_lite0" and config.image_size == 224
+    assert config.models_dir == str(data_dir / "models")
+    assert config.feature_cache_dir == str(data_dir / "features" / dataset["id"])
+    sources = _collection(claimed, config, storage)
+    assert isinstance(sources, ImageSources) and len(sources) == 36
+    assert sources.ids == claimed.image_ids and sources.class_names == dataset["class_names"]
+    assert isinstance(sources.read(0), Path)  # a file to decode while streaming, not pixels
+
+    scratch = claim_job(make_job(dataset["id"]), get_sessionmaker(), settings, "test:1:b")
+    assert scratch is not None and scratch.backbone is None
+    scratch_config = job_config(scratch, settings)
+    assert scratch_config.pretrained_backbone is None and scratch_config.models_dir is None
+    collection = _collection(scratch, scratch_config, storage)
+    assert isinstance(collection, ImageCollection)
+    assert tuple(collection.images.shape) == (36, 3, 32, 32)

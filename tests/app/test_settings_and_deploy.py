@@ -25,7 +25,9 @@ def test_defaults_are_embedded_sqlite_under_data(
     data_dir = tmp_path / "data"
     resolved = (settings.DATA_DIR, settings.DATABASE_URL)
     assert resolved == (data_dir, f"sqlite:///{data_dir / 'scan.db'}")
-    assert settings.JOB_RUNNER == "embedded" and settings.DEFAULT_PRESET == "cpu"
+    assert settings.JOB_RUNNER == "embedded" and settings.DEFAULT_PRESET == "pretrained"
+    assert settings.DEFAULT_BACKBONE == "efficientnet_lite0"  # its weights ship with the package
+    assert data_dir / "models" == settings.MODELS_DIR  # scan-weights' folder, beside the data
     assert settings.AUTH_MODE == "single_user"  # a laptop: one implicit owner, no keys
     assert settings.JOB_HEARTBEAT_S == settings.JOB_LEASE_S / 4
     assert get_settings() is settings  # cached

@@ -118,7 +118,12 @@ def test_gallery_in_a_browser(
     page.check("#labels-from-folders")
     page.fill("#num-clusters", "3")
     page.fill("#overcluster", "2")
+    # The backbones are offered with the default chosen; a SimCLR preset takes none.
+    assert page.input_value("#preset") == "pretrained"
+    assert page.input_value("#backbone") == "efficientnet_lite0"
+    assert page.is_enabled("#backbone")
     page.select_option("#preset", "tiny")
+    assert page.is_disabled("#backbone")
     page.click(".advanced summary")
     page.fill("#overrides", json.dumps(OVERRIDES))
     page.click("#start")
@@ -142,12 +147,15 @@ def test_gallery_in_a_browser(
     assert page.text_content("#progress-percent") == "100%"
     assert page.locator("#timings tr").count() >= 5  # five stages and the total
     assert page.is_hidden("#error-box") and page.is_hidden("#cancel")
+    details = page.text_content("#details")
+    assert "SimCLR from scratch" in details and "32 px" in details
 
     # Gallery, K = 3.
     started = time.monotonic()
     page.click("#open-gallery")
     page.wait_for_url(f"{base}/jobs/{job_id}/gallery*")
     non_empty = _check_cards(page, base, job_id, 3)
+    assert "SimCLR from scratch · 32 px" in page.text_content("#gallery-summary")
     load_s = time.monotonic() - started
     print(f"gallery of {len(non_empty)} clusters: prototypes loaded {load_s:.2f} s after the click")
 

@@ -126,6 +126,8 @@ def test_cluster_counts(num_clusters: int, overcluster: Any, expected: list[int]
 )
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_json_round_trip(preset: str, overrides: dict[str, Any]) -> None:
+    if "backbone_weights" in overrides:  # a ResNet state dict is the other route's
+        overrides = {**overrides, "pretrained_backbone": None}
     config = make_config(preset, **overrides)
     data = config.to_json_dict()
     # Really JSON: survives a trip through text.
@@ -142,3 +144,34 @@ def test_frozen() -> None:
     with pytest.raises(ValidationError):
         config.scan.epochs = 1  # type: ignore[misc]
     assert config.num_clusters == 10 and config.scan.epochs == make_config("tiny").scan.epochs
+
+
+def test_pretrained_preset_runs_the_bundled_backbone_at_its_own_size() -> None:
+    config = make_config("pretrained")
+    assert config.pretrained_backbone == "efficientnet_lite0" and config.route == "pretrained"
+    assert config.image_size == 224
+    assert make_config("cpu").route == "scratch" and make_config("cpu").image_size == 32
+
+
+def test_image_size_follows_the_chosen_backbone() -> None:
+    from scan_engine.backbones import get_spec
+
+    config = make_config("pretrained", pretrained_backbone="dino_vits16")
+    assert config.image_size == get_spec("dino_vits16").input_size
+    # A scratch preset given a backbone becomes the pretrained route at the backbone's size.
+    assert make_config("tiny", pretrained_backbone="dino_vits16").image_size == 224
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"pretrained_backbone": "resnet9000"}, "unknown backbone 'resnet9000'; known:"),
+        ({"image_size": 64}, "runs at 224 px"),
+        ({"backbone_weights": "r18.pt"}, "two routes"),
+    ],
+)
+def test_pretrained_route_refuses_what_cannot_run(overrides: dict[str, Any], words: str) -> None:
+    with pytest.raises(ConfigError, match=words) as caught:
+        make_config("pretrained", **overrides)
+    if "pretrained_backbone" in overrides:
+        assert "efficientnet_lite0" in str(caught.value)  # the known names are listed

@@ -1,4 +1,4 @@
-"""/api/v1/datasets: zip upload, listing, dataset details, its images and their files."""
+"""/api/v1/datasets: zip upload, listing, dataset details, its images and their files, deletion."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
 
+from app import crud
 from app.api.deps import OwnerDep, SessionDep, SettingsDep, StorageDep
 from app.api.images import image_response
 from app.api.owned import get_owned_dataset, valid_id
+from app.backbones import feature_cache_dir
 from app.db.models import Dataset
 from app.db.models import Image as ImageRow
 from app.db.session import get_sessionmaker
@@ -137,6 +139,36 @@ def list_datasets(
 @router.get("/{dataset_id}", response_model=DatasetPublic, responses=_ERRORS)
 def get_dataset(session: SessionDep, owner: OwnerDep, dataset_id: str) -> DatasetPublic:
     return DatasetPublic.model_validate(get_owned_dataset(session, owner, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204, responses={**_ERRORS, 409: {"model": Message}})
+def delete_dataset(
+    session: SessionDep,
+    owner: OwnerDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    dataset_id: str,
+) -> Response:
+    """Delete the dataset with its images, its jobs and their results, and its cached
+    features. 409 while one of its jobs is queued or running (cancel it first)."""
+    dataset = get_owned_dataset(session, owner, dataset_id)
+    folder = dataset.storage_path
+    try:
+        job_ids = crud.delete_dataset(session, dataset.id)
+    except crud.DatasetInUse as busy:
+        raise HTTPException(
+            409,
+            f"dataset {dataset_id} has {busy.active} queued or running jobs; cancel them or "
+            "wait for them to finish, then delete it",
+        ) from None
+    # Files after the commit: a failed removal leaves stray files (logged), never rows that
+    # point at missing files.
+    storage.remove(folder)
+    storage.remove(feature_cache_dir(settings, dataset.id))
+    for job_id in job_ids:
+        storage.remove(storage.job_dir(job_id))
+    logger.info("dataset deleted", extra={"dataset_id": dataset_id, "jobs": len(job_ids)})
+    return Response(status_code=204)
 
 
 @router.get("/{dataset_id}/images", response_model=ImagesPublic, responses=_ERRORS)

@@ -9,13 +9,20 @@ from typing import Any, Literal
 from fastapi import APIRouter, HTTPException, Query, Response
 
 from app import crud
-from app.api.deps import DispatcherDep, OwnerDep, SessionDep, SettingsDep, StorageDep
+from app.api.deps import DispatcherDep, OwnerDep, SessionDep, SettingsDep
 from app.api.owned import get_owned_dataset, get_owned_job, valid_id
+from app.backbones import BackboneChoiceError, check_backbone, preset_is_pretrained
+from app.core.config import Settings
 from app.db.models import Dataset, JobStatus
 from app.runner.dispatch import DispatchError
 from app.schemas import JobCreate, JobPublic, JobsPublic, Message
-from app.storage import Storage
-from scan_engine.config import ConfigError, ScanConfig, default_cluster_range, make_config
+from scan_engine.config import (
+    PRESETS,
+    ConfigError,
+    ScanConfig,
+    default_cluster_range,
+    make_config,
+)
 
 __all__ = ["router"]
 
@@ -26,17 +33,27 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": Message} for code in (401, 404, 409, 422, 429, 503)
 }
 # Set through JobCreate's own fields; in overrides they would clash inside make_config.
-_RESERVED_OVERRIDES = ("num_clusters", "overcluster", "preset", "num_clusters_range")
+_RESERVED_OVERRIDES = (
+    "num_clusters",
+    "overcluster",
+    "preset",
+    "num_clusters_range",
+    "pretrained_backbone",
+)
+_OWN_FIELD = {"pretrained_backbone": "backbone"}
+# This server's folders: the worker sets them (MODELS_DIR, the dataset's feature cache).
+_SERVER_OVERRIDES = ("models_dir", "feature_cache_dir")
 
 
-def _resolve_weights(overrides: dict[str, Any], storage: Storage) -> dict[str, Any]:
-    """backbone_weights may only name a file under DATA_DIR/models (no arbitrary server paths)."""
+def _resolve_weights(overrides: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """backbone_weights may only name a file under MODELS_DIR (no arbitrary server paths)."""
     weights = overrides.get("backbone_weights")
     if weights is None:
         return overrides
     if not isinstance(weights, str):
-        raise HTTPException(422, "backbone_weights must be a file name under DATA_DIR/models")
-    models = storage.models_dir.resolve()
+        raise HTTPException(422, "backbone_weights must be a file name under the models folder")
+    assert settings.MODELS_DIR is not None  # resolved by Settings
+    models = settings.MODELS_DIR.resolve()
     path = (models / weights).resolve()
     if models not in path.parents or not path.is_file():
         raise HTTPException(
@@ -45,14 +62,40 @@ def _resolve_weights(overrides: dict[str, Any], storage: Storage) -> dict[str, A
     return {**overrides, "backbone_weights": str(path)}
 
 
+def _job_backbone(body: JobCreate, preset: str, settings: Settings) -> str | None:
+    """The backbone the job runs with (None: SimCLR from scratch), or 422 with the reason."""
+    if preset not in PRESETS:
+        return None  # make_config names the known presets
+    if not preset_is_pretrained(preset):
+        if body.backbone is not None:
+            raise HTTPException(
+                422,
+                f"preset {preset!r} trains its own features from scratch (SimCLR) and takes no "
+                f"backbone; use preset 'pretrained' to cluster with backbone "
+                f"{body.backbone!r}, or leave backbone out",
+            )
+        return None
+    backbone = body.backbone or settings.DEFAULT_BACKBONE
+    try:
+        check_backbone(backbone, settings)
+    except BackboneChoiceError as error:
+        raise HTTPException(422, str(error)) from None
+    return backbone
+
+
 def _job_config(
-    body: JobCreate, dataset: Dataset, preset: str, storage: Storage
+    body: JobCreate, dataset: Dataset, preset: str, backbone: str | None, settings: Settings
 ) -> tuple[ScanConfig, dict[str, Any]]:
     """The resolved config and the overrides to store, or 422 with the reason."""
-    clashing = [key for key in _RESERVED_OVERRIDES if key in body.overrides]
+    clashing = [_OWN_FIELD.get(key, key) for key in _RESERVED_OVERRIDES if key in body.overrides]
     if clashing:
         raise HTTPException(422, f"set {', '.join(clashing)} with its own field, not in overrides")
-    overrides = _resolve_weights(body.overrides, storage)
+    server_owned = [key for key in _SERVER_OVERRIDES if key in body.overrides]
+    if server_owned:
+        raise HTTPException(
+            422, f"{', '.join(server_owned)} belong to the server's setup, not to a request"
+        )
+    overrides = _resolve_weights(body.overrides, settings)
     # K unknown (a range, or neither K nor a range): the worker passes the range on to the
     # pipeline through the stored overrides, and the job's K is the chosen one once it succeeds.
     span = body.num_clusters_range
@@ -61,8 +104,13 @@ def _job_config(
     if span is not None:
         overrides = {**overrides, "num_clusters_range": list(span)}
     try:
+        route = {} if backbone is None else {"pretrained_backbone": backbone}
         config = make_config(
-            preset, num_clusters=body.num_clusters, overcluster=body.overcluster, **overrides
+            preset,
+            num_clusters=body.num_clusters,
+            overcluster=body.overcluster,
+            **overrides,
+            **route,
         )
     except (ConfigError, TypeError, ValueError) as error:
         raise HTTPException(422, str(error)) from None
@@ -81,7 +129,6 @@ def create_job(
     body: JobCreate,
     session: SessionDep,
     settings: SettingsDep,
-    storage: StorageDep,
     dispatcher: DispatcherDep,
     owner: OwnerDep,
     response: Response,
@@ -94,13 +141,15 @@ def create_job(
     """
     dataset = get_owned_dataset(session, owner, body.dataset_id)
     preset = body.preset or settings.DEFAULT_PRESET
-    config, overrides = _job_config(body, dataset, preset, storage)
+    backbone = _job_backbone(body, preset, settings)
+    config, overrides = _job_config(body, dataset, preset, backbone, settings)
     try:
         job = crud.create_job(
             session,
             owner_id=owner.id,
             dataset_id=dataset.id,
             preset=preset,
+            backbone=backbone,
             num_clusters=config.num_clusters,
             overcluster=body.overcluster,
             cluster_counts=config.possible_cluster_counts(),

@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from app.api.deps import OwnerDep, SessionDep, SettingsDep
+from app.backbones import backbone_offers, preset_is_pretrained
 from app.db.models import Dataset, Job
 from scan_engine.config import PRESETS
 from scan_engine.stages import STAGE_NAMES
@@ -53,6 +54,8 @@ def index_page(request: Request, settings: SettingsDep) -> HTMLResponse:
             "api": API_BASE,
             "presets": list(PRESETS),
             "default_preset": settings.DEFAULT_PRESET,
+            "pretrained_presets": [name for name in PRESETS if preset_is_pretrained(name)],
+            "backbones": backbone_offers(settings),
             "max_upload_bytes": settings.MAX_UPLOAD_BYTES,
         },
     )
@@ -86,5 +89,32 @@ def _job_template(
         return _not_found(request, f"job {job_id}")
     dataset = session.get(Dataset, job.dataset_id)
     return templates.TemplateResponse(
-        request, template, {"api": API_BASE, "job": job, "dataset": dataset, **context}
+        request,
+        template,
+        {
+            "api": API_BASE,
+            "job": job,
+            "dataset": dataset,
+            "route_summary": route_summary(job),
+            **context,
+        },
     )
+
+
+def route_summary(job: Job) -> str:
+    """ "backbone efficientnet_lite0 · 224 px · features from the cache", "SimCLR from scratch ·
+    32 px": what ran, as far as the job row (and, once run, the engine's report) says."""
+    report = job.run_report or {}
+    size = report.get("image_size", (job.config or {}).get("image_size"))
+    if job.backbone:
+        parts = [f"backbone {job.backbone}"]
+    elif (job.config or {}).get("backbone_weights"):
+        parts = ["ResNet weights from a file"]
+    else:
+        parts = ["SimCLR from scratch"]
+    if isinstance(size, int):
+        parts.append(f"{size} px")
+    cached = report.get("features_from_cache")
+    if isinstance(cached, bool):
+        parts.append("features from the cache" if cached else "features computed")
+    return " · ".join(parts)
