@@ -24,7 +24,7 @@ from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
 from app.db.migrate import upgrade_to_head
 from app.runner.dispatch import make_dispatcher
-from app.storage import Storage
+from app.storage import Storage, StorageKeyMissing, StorageUnavailable
 
 __all__ = ["create_app", "serve"]
 
@@ -59,6 +59,26 @@ async def _value_out_of_range(request: Request, error: Exception) -> JSONRespons
     return JSONResponse(
         {"detail": "a value in the request is out of range or not storable"}, status_code=422
     )
+
+
+def _storage_unavailable(
+    settings: Settings,
+) -> Callable[[Request, Exception], Coroutine[Any, Any, JSONResponse]]:
+    async def handler(request: Request, error: Exception) -> JSONResponse:
+        logger.error("object store unavailable: %s", error)
+        return JSONResponse(
+            {"detail": "the file store is unavailable; try again later"},
+            status_code=503,
+            headers={"Retry-After": str(settings.STORAGE_RETRY_AFTER_S)},
+        )
+
+    return handler
+
+
+async def _stored_object_missing(request: Request, error: Exception) -> JSONResponse:
+    # A row names an object the store no longer has: lost data, reported as such, never a 500.
+    logger.warning("stored object missing: %s", error)
+    return JSONResponse({"detail": "a stored file of this resource is missing"}, status_code=404)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -103,6 +123,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_exception_handler(error_type, handler)
     for value_error in (DataError, OverflowError):
         app.add_exception_handler(value_error, _value_out_of_range)
+    app.add_exception_handler(StorageUnavailable, _storage_unavailable(settings))
+    app.add_exception_handler(StorageKeyMissing, _stored_object_missing)
     return app
 
 

@@ -13,9 +13,17 @@ from app.auth import LOCAL_OWNER, AuthError, CurrentOwner, owner_for_key
 from app.core.config import Settings
 from app.db.session import get_sessionmaker
 from app.runner.dispatch import CeleryDispatcher, EmbeddedDispatcher
-from app.storage import Storage
+from app.storage import ObjectStore, Storage, object_store
 
-__all__ = ["SettingsDep", "SessionDep", "StorageDep", "DispatcherDep", "OwnerDep", "api_key_of"]
+__all__ = [
+    "SettingsDep",
+    "SessionDep",
+    "StorageDep",
+    "ObjectStoreDep",
+    "DispatcherDep",
+    "OwnerDep",
+    "api_key_of",
+]
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -66,6 +74,13 @@ def get_storage(settings: SettingsDep) -> Storage:
 
 
 StorageDep = Annotated[Storage, Depends(get_storage)]
+
+
+def get_object_store(settings: SettingsDep) -> ObjectStore:
+    return object_store(settings)
+
+
+ObjectStoreDep = Annotated[ObjectStore, Depends(get_object_store)]
 
 
 def get_dispatcher(request: Request) -> EmbeddedDispatcher | CeleryDispatcher:
