@@ -12,14 +12,16 @@ import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from app.api.routes import datasets, gallery, health, jobs, pages, predict, results
+from app.api.deps import SignInRequired
+from app.api.routes import datasets, gallery, health, jobs, pages, predict, results, signin
 from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
 from app.db.migrate import upgrade_to_head
@@ -81,6 +83,12 @@ async def _stored_object_missing(request: Request, error: Exception) -> JSONResp
     return JSONResponse({"detail": "a stored file of this resource is missing"}, status_code=404)
 
 
+async def _to_sign_in(request: Request, error: Exception) -> RedirectResponse:
+    # A page without a session: the person signs in and comes back to it.
+    assert isinstance(error, SignInRequired)
+    return RedirectResponse(f"/sign-in?next={quote(error.next_path, safe='')}", status_code=303)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API app; at start-up it migrates the DB (MIGRATE_ON_START) and starts the dispatcher."""
     settings = settings or get_settings()
@@ -118,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api)
     app.include_router(health.router)
     pages.install(app)  # HTML pages and their static files, outside /api
+    app.include_router(signin.router)
     handler = _database_unavailable(settings)
     for error_type in (OperationalError, DBAPIError, PoolTimeoutError):
         app.add_exception_handler(error_type, handler)
@@ -125,6 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_exception_handler(value_error, _value_out_of_range)
     app.add_exception_handler(StorageUnavailable, _storage_unavailable(settings))
     app.add_exception_handler(StorageKeyMissing, _stored_object_missing)
+    app.add_exception_handler(SignInRequired, _to_sign_in)
     return app
 
 

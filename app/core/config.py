@@ -200,6 +200,19 @@ class Settings(BaseSettings):
         default=100 * GiB, ge=0, description="Stored image bytes of one owner -> 413; 0 = no limit."
     )
 
+    # Browser sign-in (api_keys mode): a session cookie instead of a key header
+    SESSION_TTL_S: int = Field(
+        default=12 * 3600,
+        ge=60,
+        description="A browser session ends this long after sign-in (sign in again after).",
+    )
+    SESSION_COOKIE_SECURE: bool = Field(
+        default=False,
+        description="Always mark the session cookie Secure. It is Secure anyway whenever the "
+        "request came over https; set this behind a proxy that terminates TLS and does not "
+        "forward the scheme.",
+    )
+
     # Server and logs
     HOST: str = Field(default="127.0.0.1", description="scan-service bind address.")
     PORT: int = Field(default=8000, ge=1, le=65535, description="scan-service port.")
