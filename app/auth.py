@@ -28,6 +28,7 @@ __all__ = [
     "create_key",
     "revoke_key",
     "owner_for_key",
+    "key_and_owner_for",
     "get_or_create_owner",
 ]
 
@@ -101,6 +102,11 @@ def revoke_key(session: Session, prefix: str) -> bool:
 
 def owner_for_key(session: Session, key: str | None) -> CurrentOwner:
     """The owner of a valid, unrevoked key; AuthError otherwise."""
+    return key_and_owner_for(session, key)[1]
+
+
+def key_and_owner_for(session: Session, key: str | None) -> tuple[str, CurrentOwner]:
+    """(the id of the key's row, its owner) for a valid, unrevoked key; AuthError otherwise."""
     if not key:
         raise AuthError(
             "an API key is required: send `Authorization: Bearer <key>` or `X-API-Key: <key>`"
@@ -109,7 +115,7 @@ def owner_for_key(session: Session, key: str | None) -> CurrentOwner:
     found = None
     if prefix is not None:
         found = session.execute(
-            select(ApiKey.key_hash, ApiKey.revoked_at, Owner.id, Owner.name)
+            select(ApiKey.id, ApiKey.key_hash, ApiKey.revoked_at, Owner.id, Owner.name)
             .join(Owner, Owner.id == ApiKey.owner_id)
             .where(ApiKey.prefix == prefix)
         ).one_or_none()
@@ -117,4 +123,4 @@ def owner_for_key(session: Session, key: str | None) -> CurrentOwner:
     matches = hmac.compare_digest(found.key_hash if found else _DUMMY_HASH, hash_key(key))
     if found is None or not matches or found.revoked_at is not None:
         raise AuthError("invalid or revoked API key")
-    return CurrentOwner(found.id, found.name)
+    return found[0], CurrentOwner(found[3], found[4])

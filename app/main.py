@@ -12,19 +12,31 @@ import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from app.api.routes import backbones, datasets, gallery, health, jobs, pages, predict, results
+from app.api.deps import SignInRequired
+from app.api.routes import (
+    backbones,
+    datasets,
+    gallery,
+    health,
+    jobs,
+    pages,
+    predict,
+    results,
+    signin,
+)
 from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
 from app.db.migrate import upgrade_to_head
 from app.runner.dispatch import make_dispatcher
-from app.storage import Storage
+from app.storage import Storage, StorageKeyMissing, StorageUnavailable
 
 __all__ = ["create_app", "serve"]
 
@@ -59,6 +71,32 @@ async def _value_out_of_range(request: Request, error: Exception) -> JSONRespons
     return JSONResponse(
         {"detail": "a value in the request is out of range or not storable"}, status_code=422
     )
+
+
+def _storage_unavailable(
+    settings: Settings,
+) -> Callable[[Request, Exception], Coroutine[Any, Any, JSONResponse]]:
+    async def handler(request: Request, error: Exception) -> JSONResponse:
+        logger.error("object store unavailable: %s", error)
+        return JSONResponse(
+            {"detail": "the file store is unavailable; try again later"},
+            status_code=503,
+            headers={"Retry-After": str(settings.STORAGE_RETRY_AFTER_S)},
+        )
+
+    return handler
+
+
+async def _stored_object_missing(request: Request, error: Exception) -> JSONResponse:
+    # A row names an object the store no longer has: lost data, reported as such, never a 500.
+    logger.warning("stored object missing: %s", error)
+    return JSONResponse({"detail": "a stored file of this resource is missing"}, status_code=404)
+
+
+async def _to_sign_in(request: Request, error: Exception) -> RedirectResponse:
+    # A page without a session: the person signs in and comes back to it.
+    assert isinstance(error, SignInRequired)
+    return RedirectResponse(f"/sign-in?next={quote(error.next_path, safe='')}", status_code=303)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -99,11 +137,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api)
     app.include_router(health.router)
     pages.install(app)  # HTML pages and their static files, outside /api
+    app.include_router(signin.router)
     handler = _database_unavailable(settings)
     for error_type in (OperationalError, DBAPIError, PoolTimeoutError):
         app.add_exception_handler(error_type, handler)
     for value_error in (DataError, OverflowError):
         app.add_exception_handler(value_error, _value_out_of_range)
+    app.add_exception_handler(StorageUnavailable, _storage_unavailable(settings))
+    app.add_exception_handler(StorageKeyMissing, _stored_object_missing)
+    app.add_exception_handler(SignInRequired, _to_sign_in)
     return app
 
 

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
@@ -45,6 +45,46 @@ class Settings(BaseSettings):
     )
     DB_RETRY_AFTER_S: int = Field(
         default=5, ge=1, description="Retry-After sent with 503 (DB down)."
+    )
+
+    # Object storage (app.storage): local files under DATA_DIR, or an S3-compatible store
+    STORAGE_BACKEND: Literal["local", "s3"] = Field(
+        default="local",
+        description="local: objects are files under DATA_DIR (embedded default); s3: objects in "
+        "S3_BUCKET, so the API and workers on other hosts share nothing but DB, broker and store.",
+    )
+    S3_ENDPOINT_URL: str = Field(
+        default="", description="S3 endpoint, e.g. http://seaweedfs:8333; empty = AWS."
+    )
+    S3_PUBLIC_ENDPOINT_URL: str = Field(
+        default="",
+        description="Endpoint browsers reach for presigned URLs, when it differs from "
+        "S3_ENDPOINT_URL (an internal service name); empty = S3_ENDPOINT_URL.",
+    )
+    S3_BUCKET: str = Field(default="", description="Bucket of every object (STORAGE_BACKEND=s3).")
+    S3_REGION: str = Field(default="us-east-1", description="Region the requests are signed for.")
+    S3_ACCESS_KEY_ID: str = Field(
+        default="", description="Access key; empty = boto3's own chain (instance role...)."
+    )
+    S3_SECRET_ACCESS_KEY: SecretStr = Field(default=SecretStr(""), description="Its secret.")
+    S3_PREFIX: str = Field(
+        default="", description="Key prefix inside the bucket, ending in '/' (bucket shared)."
+    )
+    S3_MULTIPART_PART_BYTES: int = Field(
+        default=16 * 1024**2,
+        ge=5 * 1024**2,
+        description="Objects larger than this go up as multipart uploads in parts of this size "
+        "(S3's minimum part is 5 MiB; one part is held in memory at a time).",
+    )
+    S3_TIMEOUT_S: float = Field(default=10.0, gt=0, description="Connect and read timeout.")
+    S3_MAX_ATTEMPTS: int = Field(
+        default=3, ge=1, description="Attempts per request (retries throttling, resets)."
+    )
+    PRESIGNED_URL_EXPIRES_S: int = Field(
+        default=300, ge=1, le=7 * 24 * 3600, description="Life of a presigned image URL."
+    )
+    STORAGE_RETRY_AFTER_S: int = Field(
+        default=10, ge=1, description="Retry-After sent with 503 (object store unreachable)."
     )
 
     # Job running
@@ -177,6 +217,19 @@ class Settings(BaseSettings):
         default=100 * GiB, ge=0, description="Stored image bytes of one owner -> 413; 0 = no limit."
     )
 
+    # Browser sign-in (api_keys mode): a session cookie instead of a key header
+    SESSION_TTL_S: int = Field(
+        default=12 * 3600,
+        ge=60,
+        description="A browser session ends this long after sign-in (sign in again after).",
+    )
+    SESSION_COOKIE_SECURE: bool = Field(
+        default=False,
+        description="Always mark the session cookie Secure. It is Secure anyway whenever the "
+        "request came over https; set this behind a proxy that terminates TLS and does not "
+        "forward the scheme.",
+    )
+
     # Server and logs
     HOST: str = Field(default="127.0.0.1", description="scan-service bind address.")
     PORT: int = Field(default=8000, ge=1, le=65535, description="scan-service port.")
@@ -212,6 +265,8 @@ class Settings(BaseSettings):
             self.JOB_HEARTBEAT_S = self.JOB_LEASE_S / 4
         if self.JOB_HEARTBEAT_S >= self.JOB_LEASE_S:
             raise ValueError("JOB_HEARTBEAT_S must be shorter than JOB_LEASE_S")
+        if self.STORAGE_BACKEND == "s3" and not self.S3_BUCKET:
+            raise ValueError("STORAGE_BACKEND=s3 needs S3_BUCKET")
         if not self.AUTH_MODE:
             self.AUTH_MODE = "api_keys" if self.is_production else "single_user"
         if (

@@ -35,6 +35,7 @@ __all__ = [
     "LOCAL_OWNER_ID",
     "Owner",
     "ApiKey",
+    "BrowserSession",
     "Dataset",
     "Image",
     "Job",
@@ -90,6 +91,23 @@ class ApiKey(Base):
     name: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class BrowserSession(Base):
+    """A browser signed in with an API key: the cookie holds a random token, the row only its
+    sha256. Ends at `expires_at`, at sign-out (`ended_at`) or when its key is revoked."""
+
+    __tablename__ = "browser_sessions"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the token
+    api_key_id: Mapped[str] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="CASCADE"), index=True
+    )
+    owner_id: Mapped[str] = mapped_column(ForeignKey("owners.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Dataset(Base):

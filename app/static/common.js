@@ -2,6 +2,13 @@
 "use strict";
 
 const API = document.body.dataset.api || "/api/v1";
+// A signed-in browser's session token for requests that change state (empty without a session).
+const CSRF_TOKEN = document.querySelector('meta[name="csrf-token"]')?.content || "";
+
+/** Headers every state-changing request carries: the CSRF token where there is a session. */
+function csrfHeaders() {
+  return CSRF_TOKEN ? { "X-CSRF-Token": CSRF_TOKEN } : {};
+}
 
 /** fetch JSON from the API; throws an Error carrying the API's `detail` text on failure. */
 async function apiGet(path, params) {
@@ -16,7 +23,7 @@ async function apiGet(path, params) {
 async function apiPost(path, body) {
   const response = await fetch(API + path, {
     method: "POST",
-    headers: { "Content-Type": "application/json" },
+    headers: { "Content-Type": "application/json", ...csrfHeaders() },
     body: body === undefined ? undefined : JSON.stringify(body),
   });
   return readJson(response);

@@ -130,6 +130,7 @@ function uploadZip(file, name, labelsFromFolders) {
   return new Promise((resolve, reject) => {
     const request = new XMLHttpRequest();
     request.open("POST", `${API}/datasets`);
+    for (const [name, value] of Object.entries(csrfHeaders())) request.setRequestHeader(name, value);
     request.upload.onprogress = (event) => {
       if (!event.lengthComputable) return;
       bar.style.width = percent(event.loaded / event.total);

@@ -44,8 +44,10 @@ def test_health_and_ready(client: TestClient) -> None:
     assert ready.json() == {
         "status": "ready",
         "runner": "embedded",
+        "storage_backend": "local",
         "database": "ok",
         "queue": "ok",
+        "storage": "ok",
     }
 
 

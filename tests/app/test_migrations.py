@@ -13,6 +13,7 @@ from tests.service_support import postgres_database
 TABLES = {
     "owners",
     "api_keys",
+    "browser_sessions",
     "datasets",
     "images",
     "jobs",

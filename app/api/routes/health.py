@@ -1,4 +1,5 @@
-"""Operator endpoints: /healthz (process up), /readyz (DB and queue reachable), /metrics."""
+"""Operator endpoints: /healthz (process up), /readyz (DB, queue and file store reachable),
+/metrics."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import case, func, select, text
 
-from app.api.deps import SessionDep, SettingsDep
+from app.api.deps import ObjectStoreDep, SessionDep, SettingsDep
 from app.db.models import Dataset, Image, Job, JobStatus
 from app.db.session import get_engine
 
@@ -26,8 +27,9 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", responses={503: {"description": "A dependency is unreachable."}})
-def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
-    """Ready when the database answers and jobs can be dispatched (broker or embedded worker)."""
+def readyz(request: Request, settings: SettingsDep, store: ObjectStoreDep) -> JSONResponse:
+    """Ready when the database answers, jobs can be dispatched (broker or embedded worker) and
+    the file store (DATA_DIR or the S3 bucket) answers."""
     checks: dict[str, str] = {}
     try:
         with get_engine(settings.DATABASE_URL).connect() as connection:
@@ -41,11 +43,21 @@ def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
         checks["queue"] = "ok"
     except Exception as error:
         checks["queue"] = f"unreachable: {type(error).__name__}: {error}"
+    try:
+        store.check(settings.READY_TIMEOUT_S)
+        checks["storage"] = "ok"
+    except Exception as error:
+        checks["storage"] = f"unreachable: {type(error).__name__}: {error}"
     ready = all(value == "ok" for value in checks.values())
     if not ready:
         logger.warning("not ready", extra={"checks": checks})
     return JSONResponse(
-        {"status": "ready" if ready else "unavailable", "runner": dispatcher.kind, **checks},
+        {
+            "status": "ready" if ready else "unavailable",
+            "runner": dispatcher.kind,
+            "storage_backend": store.kind,
+            **checks,
+        },
         status_code=200 if ready else 503,
         headers=None if ready else {"Retry-After": str(settings.DB_RETRY_AFTER_S)},
     )

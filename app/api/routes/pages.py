@@ -8,14 +8,13 @@ The pages are Jinja2 shells; small hand-written scripts in app/static fill them 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
-from fastapi.templating import Jinja2Templates
 
-from app.api.deps import OwnerDep, SessionDep, SettingsDep
+from app.api.deps import PageOwnerDep, SessionDep, SettingsDep
+from app.api.templating import APP_DIR, templates
 from app.backbones import backbone_offers, preset_is_pretrained
 from app.db.models import Dataset, Job
 from scan_engine.config import PRESETS
@@ -25,11 +24,9 @@ __all__ = ["router", "install"]
 
 logger = logging.getLogger(__name__)
 
-APP_DIR = Path(__file__).resolve().parents[2]
 API_BASE = "/api/v1"
 
 router = APIRouter(include_in_schema=False)
-templates = Jinja2Templates(directory=APP_DIR / "templates")
 
 
 def install(app: FastAPI) -> None:
@@ -45,7 +42,7 @@ def _not_found(request: Request, what: str) -> HTMLResponse:
 
 
 @router.get("/", response_class=HTMLResponse)
-def index_page(request: Request, settings: SettingsDep) -> HTMLResponse:
+def index_page(request: Request, settings: SettingsDep, owner: PageOwnerDep) -> HTMLResponse:
     """Upload a zip and start a job; the lists of datasets and jobs."""
     return templates.TemplateResponse(
         request,
@@ -62,14 +59,16 @@ def index_page(request: Request, settings: SettingsDep) -> HTMLResponse:
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
-def job_page(request: Request, session: SessionDep, owner: OwnerDep, job_id: str) -> HTMLResponse:
+def job_page(
+    request: Request, session: SessionDep, owner: PageOwnerDep, job_id: str
+) -> HTMLResponse:
     """Live progress of one job: stage, progress bar, ETA, timings, error, cancel."""
     return _job_template(request, session, owner, job_id, "job.html", stages=STAGE_NAMES)
 
 
 @router.get("/jobs/{job_id}/gallery", response_class=HTMLResponse)
 def gallery_page(
-    request: Request, session: SessionDep, owner: OwnerDep, job_id: str
+    request: Request, session: SessionDep, owner: PageOwnerDep, job_id: str
 ) -> HTMLResponse:
     """The clusters of a finished job: cards, members, metrics, the map, downloads."""
     return _job_template(request, session, owner, job_id, "gallery.html")
@@ -78,7 +77,7 @@ def gallery_page(
 def _job_template(
     request: Request,
     session: SessionDep,
-    owner: OwnerDep,
+    owner: PageOwnerDep,
     job_id: str,
     template: str,
     **context: object,

@@ -1,4 +1,7 @@
-"""Files on local disk under one root (DATA_DIR); rows store paths relative to it.
+"""The local data folder (DATA_DIR): its layout, temp folders for uploads, absolute paths.
+
+Rows store paths relative to the root; those relative paths are also the object keys of
+app.storage.objects, so the filesystem store (app.storage.filesystem) reads the same files.
 
 Layout: datasets/<id>/images/<position><ext>, datasets/<id>/thumbs/<position>.jpg,
 jobs/<id>/work (pipeline checkpoints, features), tmp/ (uploads in flight; same filesystem so a
@@ -21,16 +24,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
+from app.storage.objects import StoragePathError
+
 __all__ = ["Storage", "StoragePathError"]
 
 logger = logging.getLogger(__name__)
 
 
 _LOCK_NAME = ".lock"
-
-
-class StoragePathError(ValueError):
-    """A relative path that would leave the storage root."""
 
 
 class Storage:
@@ -89,7 +90,7 @@ class Storage:
         lock = path / _LOCK_NAME
         try:
             handle = lock.open("rb")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no lock, or a temp file (an object)
             return None
         with handle:
             try:

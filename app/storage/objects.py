@@ -1,0 +1,165 @@
+"""The object store interface: one API over local files (DATA_DIR) and S3-compatible storage.
+
+Keys are relative POSIX paths such as `datasets/<id>/images/0.png`, the same strings the
+database stores, so a row names its object the same way on either backend. A key never leaves
+the store's root (or, on S3, its key prefix): `check_key` refuses absolute keys, `..`, empty
+segments and backslashes before any backend sees them.
+
+Writes are whole-object: a reader sees the old object or the new one, never half of one (local:
+a temp file renamed into place; S3: one PUT, or a multipart upload completed only at the end).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = [
+    "ObjectInfo",
+    "ObjectStore",
+    "StorageError",
+    "StorageKeyMissing",
+    "StoragePathError",
+    "StorageUnavailable",
+    "check_key",
+    "check_prefix",
+]
+
+# S3's own limit on a key, in UTF-8 bytes.
+MAX_KEY_BYTES = 1024
+
+
+class StorageError(Exception):
+    """Something went wrong in the object store."""
+
+
+class StoragePathError(StorageError, ValueError):
+    """A key (or relative path) that would leave the storage root, or is not a plain key."""
+
+
+class StorageKeyMissing(StorageError):
+    """No object is stored under this key."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"no object stored under {key!r}")
+        self.key = key
+
+
+class StorageUnavailable(StorageError):
+    """The store cannot be reached or refused the request (-> 503 with Retry-After)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object, as listings report it."""
+
+    key: str
+    size: int
+
+
+def check_key(key: str) -> str:
+    """`key` itself when it is a plain relative POSIX key; StoragePathError otherwise."""
+    if not isinstance(key, str) or not key:
+        raise StoragePathError("an object key must be a non-empty string")
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise StoragePathError(f"object key longer than {MAX_KEY_BYTES} bytes")
+    if "\\" in key or "\x00" in key or key.startswith("/"):
+        raise StoragePathError(f"object key {key!r} is not a relative POSIX key")
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise StoragePathError(f"object key {key!r} has an empty, '.' or '..' segment")
+    return key
+
+
+def check_prefix(prefix: str, *, folder: bool = False) -> str:
+    """A listing prefix: empty (everything) or the start of a key. With `folder`, it must name
+    a folder (`jobs/<id>/`), so that deleting `jobs/1/` can never take `jobs/10/` with it."""
+    if prefix == "" and not folder:
+        return prefix
+    if folder and not prefix.endswith("/"):
+        raise StoragePathError(f"a folder prefix must end with '/': {prefix!r}")
+    check_key(prefix.removesuffix("/") if prefix.endswith("/") else prefix + "x")
+    return prefix
+
+
+class ObjectStore(ABC):
+    """Whole objects under relative keys. Every method raises StorageUnavailable when the store
+    cannot be reached, StoragePathError for a bad key, StorageKeyMissing for a missing object."""
+
+    #: "local" or "s3"
+    kind: str
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        """Store `data` under `key` (replacing any object there)."""
+
+    @abstractmethod
+    def put_stream(self, key: str, stream: BinaryIO, content_type: str | None = None) -> int:
+        """Store everything read from `stream` without holding it whole in memory (S3: a
+        multipart upload once it exceeds one part); the number of bytes stored."""
+
+    def put_file(self, key: str, path: Path, content_type: str | None = None) -> int:
+        """Store the file at `path`; its size."""
+        with Path(path).open("rb") as stream:
+            return self.put_stream(key, stream, content_type)
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """The whole object."""
+
+    @abstractmethod
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """Up to `length` bytes from offset `start` (fewer at the end of the object)."""
+
+    @abstractmethod
+    def open_read(self, key: str) -> AbstractContextManager[BinaryIO]:
+        """A context manager yielding a readable stream of the object (read in chunks)."""
+
+    def get_file(self, key: str, path: Path, chunk_bytes: int = 1024 * 1024) -> int:
+        """Copy the object to the local file `path` (for workers' scratch folders); its size."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        written = 0
+        with self.open_read(key) as source, path.open("wb") as sink:
+            while chunk := source.read(chunk_bytes):
+                sink.write(chunk)
+                written += len(chunk)
+        return written
+
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """Size of the object in bytes."""
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.size(key)
+        except StorageKeyMissing:
+            return False
+        return True
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose key starts with `prefix` (a plain string prefix, as on S3), in
+        key order."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove one object; a missing one is fine."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every object under the folder `prefix` (ending in '/'); how many."""
+
+    @abstractmethod
+    def presigned_get_url(
+        self, key: str, expires_s: int, filename: str | None = None
+    ) -> str | None:
+        """A URL a browser can GET the object from for `expires_s` seconds, or None where the
+        API serves the bytes itself (local files)."""
+
+    @abstractmethod
+    def check(self, timeout_s: float) -> None:
+        """Raise StorageUnavailable unless the store answers (readiness)."""

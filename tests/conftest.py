@@ -1,0 +1,20 @@
+"""Fixtures every test folder may use: the real S3-compatible store (SeaweedFS), started once
+per session the first time a test asks for it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.seaweedfs import SeaweedFS
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """A running `weed mini` on loopback with one access key and an empty bucket."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
