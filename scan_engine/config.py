@@ -117,6 +117,17 @@ class ScanConfig(_Frozen):
     backbone_weights: str | None = Field(
         None, description="Local state dict: skips the pretext and freezes the backbone."
     )
+    pretrained_backbone: str | None = Field(
+        None,
+        description="A named pretrained backbone (scan-weights list): its features, computed "
+        "once per collection and cached, replace the pretext; the heads train on them.",
+    )
+    models_dir: str | None = Field(
+        None, description="Where imported backbone weights live (the service's models folder)."
+    )
+    feature_cache_dir: str | None = Field(
+        None, description="Cached backbone features (default: <work folder>/features)."
+    )
     pretext: PretextConfig = PretextConfig()
     scan: ScanStepConfig = ScanStepConfig()
     selflabel: SelfLabelConfig = SelfLabelConfig()
@@ -163,6 +174,19 @@ class ScanConfig(_Frozen):
         return self
 
     @model_validator(mode="after")
+    def _check_pretrained_backbone(self) -> ScanConfig:
+        if self.pretrained_backbone is not None:
+            from scan_engine.backbones.registry import UnknownBackboneError, get_spec
+
+            try:
+                get_spec(self.pretrained_backbone)
+            except UnknownBackboneError as error:
+                raise ValueError(str(error)) from None
+            if self.backbone_weights is not None:
+                raise ValueError("give pretrained_backbone or backbone_weights, not both")
+        return self
+
+    @model_validator(mode="after")
     def _check_overcluster(self) -> ScanConfig:
         oc = self.overcluster
         if isinstance(oc, float | int) and not isinstance(oc, bool) and oc < 1:
@@ -178,7 +202,11 @@ class ScanConfig(_Frozen):
     def fixed_backbone(self) -> bool:
         """The backbone never changes after the features are made (a pretrained one, or
         scan.update_backbone off): SCAN and self-labeling then train heads on cached features."""
-        return self.backbone_weights is not None or not self.scan.update_backbone
+        return (
+            self.pretrained_backbone is not None
+            or self.backbone_weights is not None
+            or not self.scan.update_backbone
+        )
 
     def cluster_counts(self, num_clusters: int | None = None) -> list[int]:
         """The cluster counts C to train: K itself, plus the overclustering ones, sorted, unique.
@@ -235,6 +263,15 @@ PRESETS: dict[str, dict[str, Any]] = {
             "warmup_epochs": 1,
             "fill_budget": True,
         },
+        "scan": {"epochs": 60, "batch_size": 256, "lr": 1e-3, "update_backbone": False},
+        "selflabel": {"epochs": 30, "batch_size": 500, "lr": 1e-3},
+    },
+    # The default of the command line: features of a named pretrained backbone (the bundled
+    # EfficientNet-Lite0), at its own input size, computed once and cached; SCAN and
+    # self-labeling train heads on them (seconds, also on a CPU).
+    "pretrained": {
+        "pretrained_backbone": "efficientnet_lite0",
+        "image_size": 224,  # the backbone's input size (registry)
         "scan": {"epochs": 60, "batch_size": 256, "lr": 1e-3, "update_backbone": False},
         "selflabel": {"epochs": 30, "batch_size": 500, "lr": 1e-3},
     },
