@@ -249,7 +249,11 @@ class ScanConfig(_Frozen):
     def fixed_backbone(self) -> bool:
         """The backbone never changes after the features are made (a pretrained one, or
         scan.update_backbone off): SCAN and self-labeling then train heads on cached features."""
-        return self.backbone_weights is not None or not self.scan.update_backbone
+        return (
+            self.pretrained_backbone is not None
+            or self.backbone_weights is not None
+            or not self.scan.update_backbone
+        )
 
     def cluster_counts(self, num_clusters: int | None = None) -> list[int]:
         """The cluster counts C to train: K itself, plus the overclustering ones, sorted, unique.
@@ -297,9 +301,9 @@ def _backbone_input_size(name: object) -> int | None:
 
 # Presets are partial overrides on top of the paper defaults.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The default: features of a real ImageNet-trained backbone whose weights ship with the
-    # package (no download), cached once per collection; only the heads train, on a CPU in
-    # seconds to minutes. image_size follows the backbone.
+    # The default of the service and the command line: features of a real ImageNet-trained
+    # backbone whose weights ship with the package (no download), cached once per collection;
+    # only the heads train, on a CPU in seconds to minutes. image_size follows the backbone.
     "pretrained": {
         "pretrained_backbone": "efficientnet_lite0",
         "pretext": {"epochs": 0},

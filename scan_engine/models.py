@@ -22,6 +22,7 @@ __all__ = [
     "build_backbone",
     "ContrastiveModel",
     "ClusteringModel",
+    "FeatureInput",
     "load_backbone_weights",
     "BackboneWeightsError",
 ]
@@ -189,6 +190,18 @@ class ClusteringModel(nn.Module):
         self.heads = nn.ModuleDict(
             {str(c): nn.ModuleList([self.heads[str(c)][chosen[c]]]) for c in self.cluster_counts}
         )
+
+
+class FeatureInput(nn.Module):
+    """The clustering model's backbone on this route: features arrive computed, (B, D) -> (B, D).
+    The real backbone is referenced by name and weights sha256 in model.pt, not copied."""
+
+    def __init__(self, feature_dim: int) -> None:
+        super().__init__()
+        self.feature_dim = feature_dim
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
 
 
 class BackboneWeightsError(ValueError):

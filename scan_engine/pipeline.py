@@ -25,11 +25,14 @@ import torch
 
 from scan_engine.config import ConfigError, ScanConfig
 from scan_engine.data import ImageCollection
+from scan_engine.feature_cache import content_key
 from scan_engine.predict import MODEL_FILE
 from scan_engine.results import ClusteringResult, PipelineResult, ProgressEvent
 from scan_engine.runtime import Runtime, cpu_fields, cpu_has_native_bf16, resolve_runtime
+from scan_engine.sources import ImageSources
 from scan_engine.stages import STAGE_NAMES
 from scan_engine.stages.base import Budget, RunContext, RunState, Stage
+from scan_engine.stages.features import FeaturesStage, as_sources, listing_as_collection
 from scan_engine.stages.finalize import FinalizeStage
 from scan_engine.stages.mine import MineStage
 from scan_engine.stages.pretext import PretextStage
@@ -45,7 +48,8 @@ __all__ = ["run", "stages_for", "STAGE_NAMES", "MODEL_FILE", "machine_info"]
 
 def stages_for(config: ScanConfig) -> list[Stage]:
     """The stages a run of `config` goes through, in order."""
-    stages: list[Stage] = [PretextStage(), MineStage()]
+    first = FeaturesStage() if config.pretrained_backbone is not None else PretextStage()
+    stages: list[Stage] = [first, MineStage()]
     if config.num_clusters_range is not None:
         stages.append(SelectKStage())
     stages += [ScanStage(), SelfLabelStage(), FinalizeStage()]
@@ -100,19 +104,27 @@ def collection_key(collection: ImageCollection) -> str:
     return digest.hexdigest()
 
 
-def _check_inputs(collection: ImageCollection, config: ScanConfig) -> None:
+def _check_inputs(collection: ImageCollection | ImageSources, config: ScanConfig) -> None:
+    if isinstance(collection, ImageSources) and config.pretrained_backbone is None:
+        raise ConfigError(
+            "streamed image sources need a pretrained backbone (preset pretrained); "
+            "the scratch route trains on decoded images (an ImageCollection)"
+        )
     if len(collection) < 2:
         raise ConfigError(f"the collection has {len(collection)} usable images; at least 2 needed")
     too_many = [c for c in config.possible_cluster_counts() if c > len(collection)]
     if too_many:
         raise ConfigError(f"cannot make {too_many} clusters from {len(collection)} images")
+    if config.pretrained_backbone is not None:
+        return  # the features stage resizes every image to config.image_size
+    assert isinstance(collection, ImageCollection)
     size = collection.images.shape[-1]
     if size != config.image_size:
         raise ConfigError(f"images are {size} px but the config asks for {config.image_size} px")
 
 
 def run(
-    collection: ImageCollection,
+    collection: ImageCollection | ImageSources,
     config: ScanConfig,
     work_dir: str | Path,
     *,
@@ -121,6 +133,9 @@ def run(
     device: str | torch.device | None = None,
 ) -> PipelineResult:
     """Cluster `collection` into every count of `config.cluster_counts()`.
+
+    With config.pretrained_backbone, `collection` may be ImageSources (streamed: the pixels are
+    never all in memory); an ImageCollection is read row by row the same way.
 
     Returns one ClusteringResult per cluster count, plus timings, throughput and (labels known)
     metrics per stage. Raises ConfigError for impossible requests and StopRequested when
@@ -137,7 +152,15 @@ def run(
     reporter = Reporter(weights, progress, should_stop, log_path=work_dir / "log.jsonl")
     budget = Budget(config.time_budget_s, weights)
     generator = torch.Generator().manual_seed(config.seed)
-    ctx = RunContext(collection, config, runtime, reporter, budget, work_dir, generator)
+    sources = None
+    if config.pretrained_backbone is not None:
+        sources = as_sources(collection)
+        collection = listing_as_collection(sources)
+        first_key = content_key(sources)
+    else:
+        assert isinstance(collection, ImageCollection)
+        first_key = collection_key(collection)
+    ctx = RunContext(collection, config, runtime, reporter, budget, work_dir, generator, sources)
     state, checkpoints = RunState(), Checkpoints(work_dir)
     timings: dict[str, float] = {}
     throughput: dict[str, float] = {}
@@ -152,7 +175,7 @@ def run(
     )
     reporter.update(stages[0].name, 0.0, "starting", force=True)
     run_started = time.monotonic()
-    fingerprint = collection_key(collection)
+    fingerprint = first_key
     for stage in stages:
         started = time.monotonic()
         fingerprint = chain_fingerprint(fingerprint, stage.settings(ctx.config))
@@ -167,18 +190,27 @@ def run(
                 if checkpointed:
                     checkpoints.save(stage.name, fingerprint, payload, ctx.config)
             report = stage.restore(ctx, state, payload)
+            if (result_key := stage.result_key(payload)) is not None:
+                fingerprint = chain_fingerprint(fingerprint, {"result": result_key})
             stage_metrics.update(report.metrics)
             notes.extend(report.notes)
             if report.images_per_s is not None:
                 throughput[stage.name] = report.images_per_s
         timings[stage.name] = time.monotonic() - started
         if stage.rate_from_wall_time:
-            throughput[stage.name] = len(collection) / max(timings[stage.name], 1e-9)
+            throughput[stage.name] = ctx.num_images / max(timings[stage.name], 1e-9)
     timings["total"] = time.monotonic() - run_started
     reporter.update(stages[-1].name, 1.0, "done", force=True)
 
     report = _report(
-        collection, ctx.config, runtime, state.results, timings, throughput, stage_metrics, notes
+        ctx.collection,
+        ctx.config,
+        runtime,
+        state.results,
+        timings,
+        throughput,
+        stage_metrics,
+        notes,
     )
     (work_dir / "report.json").write_text(json.dumps(report, indent=2))
     return PipelineResult(
@@ -191,6 +223,7 @@ def run(
         str(state.model_path),
         state.embedding_2d,
         k_selection=stage_metrics.get("k_selection"),
+        rows=ctx.collection,
     )
 
 
@@ -236,7 +269,14 @@ def _report(
             "scan": _summary(main.metrics.get("scan")),
             "selflabel": _summary(main.metrics.get("selflabel")),
         }
+    features = stage_metrics.get("features")
     return {
+        "route": "pretrained" if features else "scratch",
+        "backbone": features
+        and {
+            key: features[key]
+            for key in ("name", "weights_sha256", "image_size", "from_cache", "images_per_s")
+        },
         "config": config.to_json_dict(),
         "machine": machine_info(runtime),
         "images": len(collection),

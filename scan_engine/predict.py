@@ -44,7 +44,7 @@ from scan_engine.augment import CIFAR10_MEAN, CIFAR10_STD
 from scan_engine.config import ScanConfig
 from scan_engine.data import ImageCollection
 from scan_engine.model_selection import merge_groups, merge_probabilities, neighbor_coassignment
-from scan_engine.models import ClusteringModel, build_backbone
+from scan_engine.models import ClusteringModel, FeatureInput, build_backbone
 from scan_engine.neighbors import extract_features
 from scan_engine.runtime import resolve_runtime
 from scan_engine.scan import infer
@@ -71,8 +71,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # 1: weights + config. 2: + head input, preprocessing, cluster geometry, co-assignment, K choice.
-# 3: + reference features for the neighbour outlier rule.
-MODEL_FORMAT_VERSION = 3
+# 3: + reference features for the neighbour outlier rule. 5: + backbone_reference on the
+# pretrained route (backbone name + weights sha256 + its preprocessing instead of its weights).
+MODEL_FORMAT_VERSION = 5
 MODEL_FILE = "model.pt"
 OUTLIER_QUANTILE = 0.99
 OUTLIER_NEIGHBORS = 5
@@ -194,11 +195,17 @@ def prediction_state(
 
 
 def save_model(
-    path: Path, model: ClusteringModel, config: ScanConfig, prediction: dict[str, Any]
+    path: Path,
+    model: ClusteringModel,
+    config: ScanConfig,
+    prediction: dict[str, Any],
+    backbone_reference: dict[str, Any] | None = None,
 ) -> None:
     """Write model.pt (format MODEL_FORMAT_VERSION): the weights of `model` (the kept head per
-    C), the resolved config and `prediction` (prediction_state). Write then rename, so that a
-    crash never leaves a half-written model behind."""
+    C), the resolved config and `prediction` (prediction_state). On the pretrained route
+    `backbone_reference` (name, weights_sha256, preprocessing) stands in for the backbone's
+    weights, which stay in the models folder. Write then rename, so that a crash never leaves
+    a half-written model behind."""
     temporary = path.with_suffix(".tmp")
     torch.save(
         {
@@ -207,7 +214,12 @@ def save_model(
             "fixed_backbone": config.fixed_backbone,
             "cluster_counts": model.cluster_counts,
             "state_dict": model.state_dict(),
+            "backbone_reference": backbone_reference,
             **prediction,
+            # The backbone's own normalisation, where one is referenced.
+            **(
+                {"preprocessing": backbone_reference["preprocessing"]} if backbone_reference else {}
+            ),
         },
         temporary,
     )
@@ -244,7 +256,7 @@ class Predictor:
 
     def __init__(self, saved: dict[str, Any], path: Path, device: str | None = None) -> None:
         version = saved.get("format_version")
-        if version not in (1, 2, MODEL_FORMAT_VERSION):
+        if version not in (1, 2, 3, 4, MODEL_FORMAT_VERSION):
             raise ModelFormatError(
                 f"{path} has model format {version!r}; this version reads 1..{MODEL_FORMAT_VERSION}"
             )
@@ -257,22 +269,34 @@ class Predictor:
         self.clusters: dict[int, dict[str, torch.Tensor]] = saved.get("clusters", {})
         # Format 3; format 2 files flag outliers by the cluster radii instead.
         self.outlier_reference: dict[str, Any] | None = saved.get("outlier_reference")
+        # Format 5, pretrained route: the backbone comes from the models folder by name.
+        self.backbone_reference: dict[str, Any] | None = saved.get("backbone_reference")
         preprocessing = saved.get("preprocessing")
-        if preprocessing is not None and (
-            tuple(preprocessing["mean"]) != CIFAR10_MEAN
-            or tuple(preprocessing["std"]) != CIFAR10_STD
+        if (
+            self.backbone_reference is None
+            and preprocessing is not None
+            and (
+                tuple(preprocessing["mean"]) != CIFAR10_MEAN
+                or tuple(preprocessing["std"]) != CIFAR10_STD
+            )
         ):
             raise ModelFormatError(f"{path} was trained with another normalisation")
         # Format 1 did not record it: heads on a fixed backbone read normalised features.
         default_input = "normalized" if self.config.fixed_backbone else "raw"
         self.head_input = saved.get("head_input", default_input)
-        backbone = build_backbone(
-            self.config.backbone, self.config.backbone_width, self.config.image_size
-        )
+        self.pretrained: Any = None  # LoadedBackbone on the pretrained route
+        backbone: torch.nn.Module
+        if self.backbone_reference is not None:
+            self.pretrained = _referenced_backbone(self.backbone_reference, self.config, path)
+            backbone = FeatureInput(self.pretrained.spec.feature_dim)
+        else:
+            backbone = build_backbone(
+                self.config.backbone, self.config.backbone_width, self.config.image_size
+            )
         # Files written before the scale existed had unscaled heads.
         model = ClusteringModel(
             backbone,
-            backbone.feature_dim,
+            backbone.feature_dim,  # type: ignore[arg-type]
             self.cluster_counts,
             num_heads=1,
             head_input_scale=float(saved.get("head_input_scale", 1.0)),
@@ -336,6 +360,11 @@ class Predictor:
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """images: (N, 3, S, S) uint8 -> (features (N, D) unit rows, logits {C: (N, C)}), CPU."""
         batch_size = self.config.eval_batch_size
+        if self.pretrained is not None:
+            from scan_engine.sources import ImageSources
+
+            rows = ImageSources.from_array(images.permute(0, 2, 3, 1).contiguous().numpy())
+            return self.features_and_logits_of_sources(rows)
         with self._lock:
             features = None
             if self.head_input == "normalized":
@@ -350,6 +379,37 @@ class Predictor:
             self.model.eval()
         return features, {c: out[0] for c, out in logits.items()}
 
+    def features_and_logits_of_sources(
+        self, sources: Any
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Pretrained route: stream ImageSources through the referenced backbone with the
+        training preprocessing, then the heads. Items that fail to decode raise ValueError."""
+        from scan_engine.embedding import Preprocessing, embed_sources
+
+        assert self.pretrained is not None and self.backbone_reference is not None
+        preprocessing = Preprocessing(**self.backbone_reference["preprocessing"])
+        with self._lock:
+            embedded = embed_sources(
+                sources,
+                self.pretrained.module,
+                input_size=preprocessing.input_size,
+                mean=preprocessing.mean,
+                std=preprocessing.std,
+                crop_pct=preprocessing.crop_pct,
+                interpolation=preprocessing.interpolation,
+                runtime=self.runtime,
+                batch_size=min(self.config.eval_batch_size, 64),
+            )
+            if len(embedded) != len(sources):
+                reasons = "; ".join(f"{s.path}: {s.reason}" for s in embedded.skipped)
+                raise ValueError(f"images that could not be read: {reasons}")
+            features = F.normalize(embedded.features.float(), dim=1)
+            features, logits = infer(
+                self.model, features, self.runtime, self.config.eval_batch_size, features
+            )
+            self.model.eval()
+        return features, {c: out[0] for c, out in logits.items()}
+
     def predict(
         self,
         images: ImageCollection | torch.Tensor,
@@ -361,7 +421,9 @@ class Predictor:
         tensor = images.images if isinstance(images, ImageCollection) else images
         if tensor.ndim != 4 or tensor.shape[1] != 3 or tensor.dtype != torch.uint8:
             raise ValueError(f"images must be (N, 3, S, S) uint8, got {tuple(tensor.shape)}")
-        if tensor.shape[-1] != self.image_size or tensor.shape[-2] != self.image_size:
+        if self.pretrained is None and (
+            tensor.shape[-1] != self.image_size or tensor.shape[-2] != self.image_size
+        ):
             raise ValueError(f"images are {tensor.shape[-1]} px; the model takes {self.image_size}")
         c = self._check_count(num_clusters)
         groups = None
@@ -394,6 +456,20 @@ class Predictor:
             merged_from=c if groups is not None else None,
             groups=None if groups is None else [int(g) for g in groups],
         )
+
+
+def _referenced_backbone(reference: dict[str, Any], config: ScanConfig, path: Path) -> Any:
+    """The pretrained backbone model.pt names, with the very weights the run used."""
+    from scan_engine.backbones import load_backbone
+
+    loaded = load_backbone(reference["name"], models_dir=config.models_dir)
+    if loaded.weights_sha256 != reference["weights_sha256"]:
+        raise ModelFormatError(
+            f"{path} was trained on {reference['name']} weights "
+            f"{reference['weights_sha256'][:12]}…, but {loaded.weights_origin} holds "
+            f"{loaded.weights_sha256[:12]}…: import the same weights (scan-weights import)"
+        )
+    return loaded
 
 
 def load_model(path: str | Path, device: str | None = None) -> Predictor:

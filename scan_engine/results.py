@@ -73,6 +73,9 @@ class PipelineResult:
     embedding_2d: np.ndarray | None = None  # (N, 2) float32 map of the final features (PCA)
     # K chosen without labels (config.num_clusters_range): {chosen, rule, candidates: [scores]}.
     k_selection: dict[str, Any] | None = None
+    # The collection the results index (ImageCollection): on the pretrained route the rows
+    # that were embedded (without pixels), in a run from ImageSources the only list of them.
+    rows: Any = None
 
     def result_for(self, num_clusters: int) -> ClusteringResult:
         for result in self.results:

@@ -1,6 +1,9 @@
 """`scan-cluster`: cluster a folder or zip of images from the command line.
 
-    scan-cluster photos/ --clusters 10 --overcluster 2 --preset cpu --out results/
+    scan-cluster photos/ --clusters 10 --overcluster 2 --out results/
+
+The default preset, pretrained, clusters features of the bundled EfficientNet-Lite0 (streamed,
+cached in the work folder); --preset cpu / gpu / paper / tiny train SimCLR from scratch instead.
 
 writes assignments.csv / .json, clusters.json, prototypes/c<C>/cluster_<i>.png and report.json.
 Rerunning with the same --out resumes from the last finished stage.
@@ -25,9 +28,10 @@ from scan_engine.cli.overrides import (
     parse_range,
 )
 from scan_engine.config import PRESETS, ConfigError, default_cluster_range, make_config
-from scan_engine.data import load_collection
+from scan_engine.data import ImageCollection, load_collection
 from scan_engine.outputs import write_outputs
 from scan_engine.results import ProgressEvent
+from scan_engine.sources import ImageSources, open_sources
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--preset",
-        default="cpu",
+        default="pretrained",
         choices=sorted(PRESETS),
-        help="schedule: cpu (a 2-core machine), gpu, paper, tiny (smoke tests)",
+        help="pretrained (default: features of a pretrained backbone, good on a CPU); or "
+        "SimCLR from scratch: cpu (a 2-core machine), gpu, paper, tiny (smoke tests)",
     )
     parser.add_argument(
         "--out",
@@ -85,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size",
         type=int,
         default=None,
-        help="training resolution (default: the preset's, 32)",
+        help="training resolution (default: the preset's: the backbone's input size for "
+        "pretrained, 32 for the scratch presets)",
     )
     parser.add_argument(
         "--budget-s",
@@ -180,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides["backbone_weights"] = str(args.backbone_weights)
     try:
         config = make_config(args.preset, **overrides)
-        collection = load_collection(args.input, config.image_size, args.labels_from_folders)
+        collection: ImageCollection | ImageSources
+        if config.pretrained_backbone is not None:  # streamed: decoded once, by the backbone
+            collection = open_sources(args.input, args.labels_from_folders)
+        else:
+            collection = load_collection(args.input, config.image_size, args.labels_from_folders)
         if args.clusters is None and args.clusters_range is None:
             overrides["num_clusters_range"] = default_cluster_range(len(collection))
             config = make_config(args.preset, **overrides)
@@ -208,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scan-cluster: {error}", file=sys.stderr)
         return 2
     bar.close()
-    write_outputs(result, collection, args.out, _original_loader(args.input, collection.paths))
+    rows = result.rows if result.rows is not None else collection
+    write_outputs(result, rows, args.out, _original_loader(args.input, rows.paths))
     summary = {
         "out": str(args.out),
         "timings_s": result.report["timings_s"],

@@ -20,15 +20,24 @@ import torch
 
 from scan_engine.config import ScanConfig
 from scan_engine.data import ImageCollection
-from scan_engine.models import ClusteringModel, ResNet
+from scan_engine.models import ClusteringModel
 from scan_engine.results import ClusteringResult
 from scan_engine.runtime import Runtime
+from scan_engine.sources import ImageSources
 from scan_engine.training import Reporter
 
 __all__ = ["Stage", "RunContext", "RunState", "StageReport", "Budget", "clustering_settings"]
 
 # Settings that change how long or how fast stages run or what is shown, not what they hold.
-RUN_ONLY_SETTINGS = ("preset", "time_budget_s", "compile", "prototype_members", "top_members")
+RUN_ONLY_SETTINGS = (
+    "preset",
+    "time_budget_s",
+    "compile",
+    "prototype_members",
+    "top_members",
+    "models_dir",  # where weights are found, not which: the sha256 is in the features stage
+    "feature_cache_dir",
+)
 
 
 def clustering_settings(config: ScanConfig, *, with_selflabel: bool) -> dict[str, Any]:
@@ -51,6 +60,9 @@ class RunContext:
     budget: Budget
     work_dir: Path
     generator: torch.Generator  # the run's one CPU generator: stages draw from it in order
+    # The pretrained route's input, streamed by the features stage, which then sets
+    # `collection` to the embedded rows (no pixels).
+    sources: ImageSources | None = None
 
     @property
     def images(self) -> torch.Tensor:
@@ -66,7 +78,10 @@ class RunState:
     """What stages hand on to later ones; each field is set by the stage named in its comment."""
 
     embed: torch.nn.Module | None = None  # pretext: image -> mined feature (prepared)
-    backbone: ResNet | None = None  # pretext: the backbone the clustering model starts from
+    # pretext / features: the backbone the clustering model starts from (a feature_dim)
+    backbone: torch.nn.Module | None = None
+    backbone_reference: dict[str, Any] | None = None  # features: name, weights sha256, ...
+    augmented_features: torch.Tensor | None = None  # features: (V, N, D) unit-norm views
     neighbors: torch.Tensor | None = None  # mine: (N, K) int64
     k_selection: dict[str, Any] | None = None  # select_k: {chosen, rule, candidates}
     mined_features: torch.Tensor | None = None  # mine: (N, D), kept when they are head inputs
@@ -122,6 +137,11 @@ class Stage(ABC):
     @abstractmethod
     def settings(self, config: ScanConfig) -> dict[str, Any]:
         """The settings this stage's result depends on (beyond the earlier stages' results)."""
+
+    def result_key(self, payload: dict[str, Any]) -> str | None:
+        """What identifies the result beyond the settings (e.g. the weights' sha256); chained
+        into the later stages' fingerprints. None: the settings say it all."""
+        return None
 
     def skip_reason(self, ctx: RunContext, state: RunState) -> str | None:
         """Why this stage does not run for this config (a note for the report), or None."""

@@ -115,6 +115,7 @@ class FinalizeStage(Stage):
                 num_clusters=config.num_clusters,
                 k_selection=state.k_selection,
             ),
+            backbone_reference=state.backbone_reference,
         )
         return {
             "results": results,

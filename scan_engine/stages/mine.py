@@ -43,34 +43,38 @@ class MineStage(Stage):
         return {"num_neighbors": config.scan.num_neighbors, "num_clusters": config.num_clusters}
 
     def compute(self, ctx: RunContext, state: RunState) -> dict[str, Any]:
-        assert state.embed is not None
         config, reporter = ctx.config, ctx.reporter
         reporter.update(self.name, 0.0, "embedding", force=True)
-        features = extract_features(
-            state.embed,
-            ctx.images,
-            config.eval_batch_size,
-            ctx.runtime.device,
-            ctx.runtime.amp_dtype,
-            progress=lambda done, total: reporter.update(
-                self.name, 0.6 * done / total, "embedding"
-            ),
-        )
+        features = state.mined_features  # the features stage's, already unit-norm
+        if features is None:
+            assert state.embed is not None
+            features = extract_features(
+                state.embed,
+                ctx.images,
+                config.eval_batch_size,
+                ctx.runtime.device,
+                ctx.runtime.amp_dtype,
+                progress=lambda done, total: reporter.update(
+                    self.name, 0.6 * done / total, "embedding"
+                ),
+            )
         k = min(config.scan.num_neighbors, ctx.num_images - 1)
+        keep = config.backbone_weights is not None and state.mined_features is None
         neighbors, _ = knn(features, k)
         reporter.update(self.name, 0.8, "k-means baseline", force=True)
         purity = purity_at(neighbors, ctx.collection.labels, ks=sorted({1, 5, k}))
         return {
             "neighbors": torch.from_numpy(neighbors),
             # Backbone features from a file are the heads' input later: kept, not recomputed.
-            "features": features if config.backbone_weights is not None else None,
+            "features": features if keep else None,
             "purity": {str(key): value for key, value in (purity or {}).items()} or None,
             "kmeans": kmeans_baseline(features, ctx.collection, config.num_clusters, config.seed),
         }
 
     def restore(self, ctx: RunContext, state: RunState, payload: dict[str, Any]) -> StageReport:
         state.neighbors = payload["neighbors"]
-        state.mined_features = payload["features"]
+        if payload["features"] is not None:
+            state.mined_features = payload["features"]
         ctx.reporter.update(self.name, 1.0, "neighbours mined", force=True)
         return StageReport(
             metrics={"neighbor_purity": payload["purity"], "kmeans": payload["kmeans"]}

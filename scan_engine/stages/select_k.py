@@ -22,10 +22,11 @@ class SelectKStage(Stage):
         return clustering_settings(config, with_selflabel=False)
 
     def compute(self, ctx: RunContext, state: RunState) -> dict[str, Any]:
-        assert state.embed is not None and state.neighbors is not None
+        assert state.neighbors is not None
+        assert state.embed is not None or state.mined_features is not None
         config = ctx.config
         k_selection, mined_features = run_k_selection(
-            state.embed,
+            state.embed,  # type: ignore[arg-type]  # unused when the features are given
             ctx.images,
             state.neighbors,
             config,

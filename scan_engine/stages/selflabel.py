@@ -64,8 +64,8 @@ class SelfLabelStage(Stage):
     def compute(self, ctx: RunContext, state: RunState) -> dict[str, Any]:
         assert state.clustering is not None
         features = cached_head_features(ctx, state)
-        augmented = None
-        if features is not None:
+        augmented = state.augmented_features  # the features stage's cached views
+        if features is not None and augmented is None:
             augmented = augmented_features(
                 state.clustering.backbone, ctx.images, ctx.config, ctx.runtime, ctx.generator
             )
