@@ -381,6 +381,9 @@ def make_config(preset: str = "paper", **overrides: Any) -> ScanConfig:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     values = _deep_merge(PRESETS[preset], overrides)
     values["preset"] = preset
+    if overrides.get("backbone_weights") is not None and "pretrained_backbone" not in overrides:
+        # A backbone file given explicitly replaces the preset's named backbone.
+        values["pretrained_backbone"] = None
     try:
         return ScanConfig.model_validate(values)
     except ValidationError as error:

@@ -17,6 +17,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -142,89 +143,111 @@ def run(
     `should_stop()` turns true.
     """
     _check_inputs(collection, config)
-    work_dir = Path(work_dir)
+    ctx, first_key = _context(collection, config, Path(work_dir), progress, should_stop, device)
+    stages, state, checkpoints = stages_for(config), RunState(), Checkpoints(ctx.work_dir)
+    record = _RunRecord()
+    logger.info(
+        "SCAN run on %d images, C=%s, runtime %s, config %s",
+        ctx.num_images,
+        config.cluster_counts(),
+        ctx.runtime.describe(),
+        json.dumps(config.to_json_dict()),
+    )
+    ctx.reporter.update(stages[0].name, 0.0, "starting", force=True)
+    run_started = time.monotonic()
+    fingerprint = first_key
+    for stage in stages:
+        started = time.monotonic()
+        fingerprint = chain_fingerprint(fingerprint, stage.settings(ctx.config))
+        fingerprint = _run_stage(stage, ctx, state, checkpoints, fingerprint, record)
+        record.timings[stage.name] = time.monotonic() - started
+        if stage.rate_from_wall_time:
+            record.throughput[stage.name] = ctx.num_images / max(record.timings[stage.name], 1e-9)
+    record.timings["total"] = time.monotonic() - run_started
+    ctx.reporter.update(stages[-1].name, 1.0, "done", force=True)
+
+    report = _report(ctx, state.results, record)
+    (ctx.work_dir / "report.json").write_text(json.dumps(report, indent=2))
+    return PipelineResult(
+        state.results,
+        record.timings,
+        record.throughput,
+        record.metrics,
+        record.notes,
+        report,
+        str(state.model_path),
+        state.embedding_2d,
+        k_selection=record.metrics.get("k_selection"),
+        rows=ctx.collection,
+    )
+
+
+@dataclass
+class _RunRecord:
+    """What the loop gathers for the report, stage by stage."""
+
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds
+    throughput: dict[str, float] = field(default_factory=dict)  # stage -> images/s
+    metrics: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _context(
+    collection: ImageCollection | ImageSources,
+    config: ScanConfig,
+    work_dir: Path,
+    progress: Callable[[ProgressEvent], None] | None,
+    should_stop: Callable[[], bool] | None,
+    device: str | torch.device | None,
+) -> tuple[RunContext, str]:
+    """The run's context, seeded, and the first link of its fingerprint chain."""
     work_dir.mkdir(parents=True, exist_ok=True)
     runtime = resolve_runtime(device, config.precision)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
-    stages = stages_for(config)
-    weights = {stage.name: stage.time_weight(config) for stage in stages}
+    weights = {stage.name: stage.time_weight(config) for stage in stages_for(config)}
     reporter = Reporter(weights, progress, should_stop, log_path=work_dir / "log.jsonl")
     budget = Budget(config.time_budget_s, weights)
     generator = torch.Generator().manual_seed(config.seed)
     sources = None
     if config.pretrained_backbone is not None:
         sources = as_sources(collection)
-        collection = listing_as_collection(sources)
-        first_key = content_key(sources)
+        collection, first_key = listing_as_collection(sources), content_key(sources)
     else:
         assert isinstance(collection, ImageCollection)
         first_key = collection_key(collection)
     ctx = RunContext(collection, config, runtime, reporter, budget, work_dir, generator, sources)
-    state, checkpoints = RunState(), Checkpoints(work_dir)
-    timings: dict[str, float] = {}
-    throughput: dict[str, float] = {}
-    stage_metrics: dict[str, Any] = {}
-    notes: list[str] = []
-    logger.info(
-        "SCAN run on %d images, C=%s, runtime %s, config %s",
-        len(collection),
-        config.cluster_counts(),
-        runtime.describe(),
-        json.dumps(config.to_json_dict()),
-    )
-    reporter.update(stages[0].name, 0.0, "starting", force=True)
-    run_started = time.monotonic()
-    fingerprint = first_key
-    for stage in stages:
-        started = time.monotonic()
-        fingerprint = chain_fingerprint(fingerprint, stage.settings(ctx.config))
-        skipped = stage.skip_reason(ctx, state)
-        if skipped is not None:
-            notes.append(skipped)
-        else:
-            checkpointed = stage.checkpointed(ctx.config)
-            payload = checkpoints.load(stage.name, fingerprint) if checkpointed else None
-            if payload is None:
-                payload = stage.compute(ctx, state)
-                if checkpointed:
-                    checkpoints.save(stage.name, fingerprint, payload, ctx.config)
-            report = stage.restore(ctx, state, payload)
-            if (result_key := stage.result_key(payload)) is not None:
-                fingerprint = chain_fingerprint(fingerprint, {"result": result_key})
-            stage_metrics.update(report.metrics)
-            notes.extend(report.notes)
-            if report.images_per_s is not None:
-                throughput[stage.name] = report.images_per_s
-        timings[stage.name] = time.monotonic() - started
-        if stage.rate_from_wall_time:
-            throughput[stage.name] = ctx.num_images / max(timings[stage.name], 1e-9)
-    timings["total"] = time.monotonic() - run_started
-    reporter.update(stages[-1].name, 1.0, "done", force=True)
+    return ctx, first_key
 
-    report = _report(
-        ctx.collection,
-        ctx.config,
-        runtime,
-        state.results,
-        timings,
-        throughput,
-        stage_metrics,
-        notes,
-    )
-    (work_dir / "report.json").write_text(json.dumps(report, indent=2))
-    return PipelineResult(
-        state.results,
-        timings,
-        throughput,
-        stage_metrics,
-        notes,
-        report,
-        str(state.model_path),
-        state.embedding_2d,
-        k_selection=stage_metrics.get("k_selection"),
-        rows=ctx.collection,
-    )
+
+def _run_stage(
+    stage: Stage,
+    ctx: RunContext,
+    state: RunState,
+    checkpoints: Checkpoints,
+    fingerprint: str,
+    record: _RunRecord,
+) -> str:
+    """Restore `stage` from its checkpoint or compute (and save) it; returns the fingerprint
+    the next stage chains on."""
+    skipped = stage.skip_reason(ctx, state)
+    if skipped is not None:
+        record.notes.append(skipped)
+        return fingerprint
+    checkpointed = stage.checkpointed(ctx.config)
+    payload = checkpoints.load(stage.name, fingerprint) if checkpointed else None
+    if payload is None:
+        payload = stage.compute(ctx, state)
+        if checkpointed:
+            checkpoints.save(stage.name, fingerprint, payload, ctx.config)
+    report = stage.restore(ctx, state, payload)
+    record.metrics.update(report.metrics)
+    record.notes.extend(report.notes)
+    if report.images_per_s is not None:
+        record.throughput[stage.name] = report.images_per_s
+    if (result_key := stage.result_key(payload)) is not None:
+        fingerprint = chain_fingerprint(fingerprint, {"result": result_key})
+    return fingerprint
 
 
 def machine_info(runtime: Runtime) -> dict[str, Any]:
@@ -250,16 +273,8 @@ def _summary(evaluation: dict[str, Any] | None) -> dict[str, float] | None:
     return {key: round(float(evaluation[key]), 4) for key in ("acc", "nmi", "ari")}
 
 
-def _report(
-    collection: ImageCollection,
-    config: ScanConfig,
-    runtime: Runtime,
-    results: list[ClusteringResult],
-    timings: dict[str, float],
-    throughput: dict[str, float],
-    stage_metrics: dict[str, Any],
-    notes: list[str],
-) -> dict[str, Any]:
+def _report(ctx: RunContext, results: list[ClusteringResult], record: _RunRecord) -> dict[str, Any]:
+    collection, config, stage_metrics = ctx.collection, ctx.config, record.metrics
     summary: dict[str, Any] = {}
     if collection.labels is not None:
         main = next(r for r in results if r.num_clusters == config.num_clusters)
@@ -278,13 +293,13 @@ def _report(
             for key in ("name", "weights_sha256", "image_size", "from_cache", "images_per_s")
         },
         "config": config.to_json_dict(),
-        "machine": machine_info(runtime),
+        "machine": machine_info(ctx.runtime),
         "images": len(collection),
         "skipped_count": len(collection.skipped),
         "skipped": [{"path": s.path, "reason": s.reason} for s in collection.skipped],
         "cluster_counts": [r.num_clusters for r in results],
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "images_per_s": {k: round(v, 2) for k, v in throughput.items()},
+        "timings_s": {k: round(v, 3) for k, v in record.timings.items()},
+        "images_per_s": {k: round(v, 2) for k, v in record.throughput.items()},
         "metrics": summary or None,
         "stages": stage_metrics,
         "results": [
@@ -297,6 +312,6 @@ def _report(
             }
             for r in results
         ],
-        "notes": notes,
+        "notes": record.notes,
         "k_selection": stage_metrics.get("k_selection"),
     }

@@ -85,8 +85,16 @@ def test_a_rerun_restores_every_stage_and_a_changed_one_recomputes(
 def test_stage_lists_and_names() -> None:
     known = make_config("tiny", num_clusters=3)
     open_k = make_config("tiny", num_clusters_range=[2, 4])
-    assert [s.name for s in stages_for(known)] == [n for n in STAGE_NAMES if n != "select_k"]
-    assert [s.name for s in stages_for(open_k)] == list(STAGE_NAMES)
+    pretrained = make_config("pretrained", num_clusters_range=[2, 4])
+    assert [s.name for s in stages_for(known)] == [
+        "pretext",
+        "mine",
+        "scan",
+        "selflabel",
+        "finalize",
+    ]
+    assert [s.name for s in stages_for(open_k)] == [n for n in STAGE_NAMES if n != "features"]
+    assert [s.name for s in stages_for(pretrained)] == [n for n in STAGE_NAMES if n != "pretext"]
     # The service reads the names without loading torch.
     code = "import sys, scan_engine.stages; print('torch' in sys.modules)"
     completed = subprocess.run(
