@@ -90,12 +90,13 @@ def end_session(session: Session, token: str | None) -> bool:
     """Sign-out: the session stops working at once (also for a copy of the cookie)."""
     if not token:
         return False
-    result = session.execute(
+    ended = session.execute(
         update(BrowserSession)
         .where(BrowserSession.token_hash == _hash(token), BrowserSession.ended_at.is_(None))
         .values(ended_at=utcnow())
-    )
-    return bool(result.rowcount)
+        .returning(BrowserSession.id)
+    ).first()
+    return ended is not None
 
 
 def csrf_token(token: str) -> str:

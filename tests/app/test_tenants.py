@@ -99,11 +99,13 @@ def _finish_with_results(job_id: str, image_ids: list[str]) -> None:
 def test_requests_need_a_valid_key(service: TestClient) -> None:
     from app.admin import main as admin
 
-    for path in ("/api/v1/datasets", JOBS, "/api/v1/jobs/abc/clusters", "/jobs/abc"):
+    for path in ("/api/v1/datasets", JOBS, "/api/v1/jobs/abc/clusters"):
         response = service.get(path)
         assert response.status_code == 401, path
         assert "API key is required" in response.json()["detail"]
         assert response.headers["www-authenticate"] == "Bearer"
+    page = service.get("/jobs/abc", follow_redirects=False)  # a person is sent to sign in
+    assert page.status_code == 303 and page.headers["location"] == "/sign-in?next=%2Fjobs%2Fabc"
     for bad in ("nonsense", "scan_000000000000_guess", "Bearer", ""):
         response = service.get("/api/v1/datasets", headers={"X-API-Key": bad})
         assert response.status_code == 401, bad

@@ -4,6 +4,10 @@ A user's path: upload a zip on the start page, start a job, watch it finish on t
 the gallery; then check that every cluster has a card whose prototype image loaded, that a card
 opens its members, that the CSV download lists every image once, and that the overclustering can
 be switched to. A screenshot of the gallery is saved to test-output/gallery.png.
+
+In api_keys mode (production) the same person first signs in with a key on the sign-in page,
+gets a session cookie, runs a job and sees the gallery's images through that cookie; after
+signing out the gallery sends them back to sign in.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.e2e.browser import FINISHED, REPO, launch_chromium, run_server
 from tests.e2e.browser import api_get as _api
-from tests.service_support import use_settings
+from tests.service_support import create_api_key, use_settings
 
 OUTPUT = REPO / "test-output"
 # A few epochs of every stage: under a minute on an idle 2-core CPU, clusters worth looking at.
@@ -84,10 +89,16 @@ def _watch_for_errors(page: Any) -> list[str]:
     return problems
 
 
-def _check_cards(page: Any, base: str, job_id: str, num_clusters: int) -> list[dict[str, Any]]:
+def _check_cards(
+    page: Any, base: str, job_id: str, num_clusters: int, key: str | None = None
+) -> list[dict[str, Any]]:
     """One card per non-empty cluster, largest first, each with a prototype that loaded."""
     page.wait_for_selector("body[data-prototypes-loaded='true']", timeout=30_000)
-    clusters = _api(base, f"/jobs/{job_id}/clusters", num_clusters=num_clusters)["clusters"]
+    path = f"/jobs/{job_id}/clusters"
+    if key is None:
+        clusters = _api(base, path, num_clusters=num_clusters)["clusters"]
+    else:
+        clusters = _keyed_get(base, path, key, num_clusters=num_clusters)["clusters"]
     non_empty = [c for c in clusters if c["size"] > 0]
     cards = page.eval_on_selector_all(
         "#cards .card",
@@ -228,4 +239,96 @@ def test_gallery_in_a_browser(
     _check_cards(page, base, job_id, 6)
     page.screenshot(path=str(OUTPUT / "gallery-c6.png"), full_page=True)
 
+    assert problems == []
+
+
+def _keyed_get(base: str, path: str, key: str, **params: Any) -> Any:
+    answer = httpx.get(
+        f"{base}/api/v1{path}",
+        params=params,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+    answer.raise_for_status()
+    return answer.json()
+
+
+@pytest.fixture
+def keyed_live_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """The service in a uvicorn subprocess in api_keys mode (still SQLite and in-process jobs),
+    with one owner's key made as `scan-admin create-key` makes it."""
+    env = {
+        "DATA_DIR": str(tmp_path / "data"),
+        "AUTH_MODE": "api_keys",
+        "PROGRESS_INTERVAL_S": "0.2",
+        "CANCEL_CHECK_INTERVAL_S": "0.2",
+        "LOG_FORMAT": "text",
+    }
+    use_settings(monkeypatch, **env)
+    log_path = tmp_path / "server.log"
+    with run_server(env, log_path) as url:  # ready: the database is migrated
+        yield {"url": url, "log": log_path, "key": create_api_key("alice")}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sign_in_then_gallery_in_a_browser(
+    keyed_live_server: dict[str, Any], browser_page: Any, shapes_zip_e2e: Path
+) -> None:
+    page, base, key = browser_page, keyed_live_server["url"], keyed_live_server["key"]
+
+    # Without a session the start page sends the visitor to sign in; a wrong key is refused.
+    page.goto(f"{base}/")
+    assert page.url.startswith(f"{base}/sign-in")
+    page.fill("#api-key", "scan_000000000000_not-a-key")
+    page.click("#sign-in")
+    page.wait_for_selector("#sign-in-error")
+    assert "not valid" in page.text_content("#sign-in-error")
+    assert page.context.cookies() == []
+
+    problems = _watch_for_errors(page)  # from here on, nothing may fail
+    page.fill("#api-key", key)
+    page.click("#sign-in")
+    page.wait_for_url(f"{base}/")
+    (cookie,) = page.context.cookies()
+    assert cookie["name"] == "scan_session" and cookie["httpOnly"] and cookie["sameSite"] == "Lax"
+    assert key not in cookie["value"] and cookie["expires"] > time.time()
+    assert page.text_content("#signed-in-as") == "alice"
+
+    # The same path as in single-user mode: upload, start, watch, open the gallery.
+    page.set_input_files("#zip-file", str(shapes_zip_e2e))
+    page.check("#labels-from-folders")
+    page.fill("#num-clusters", "3")
+    page.select_option("#preset", "tiny")
+    page.click(".advanced summary")
+    page.fill("#overrides", json.dumps(OVERRIDES))
+    page.click("#start")
+    try:
+        page.wait_for_url(f"{base}/jobs/*", timeout=120_000)
+    except Exception:
+        print("form error:", page.text_content("#form-error"))
+        print(keyed_live_server["log"].read_text()[-4000:])
+        raise
+    job_id = page.url.rstrip("/").split("/")[-1]
+    finished = ", ".join(f"#status-badge[data-status='{s}']" for s in FINISHED)
+    page.wait_for_selector(finished, timeout=300_000)
+    job = _keyed_get(base, f"/jobs/{job_id}", key)
+    if job["status"] != "succeeded":
+        print(keyed_live_server["log"].read_text()[-6000:])
+    assert job["status"] == "succeeded", job["error"]
+    page.click("#open-gallery")
+    page.wait_for_url(f"{base}/jobs/{job_id}/gallery*")
+    non_empty = _check_cards(page, base, job_id, 3, key=key)  # prototypes loaded by cookie
+    assert non_empty
+    OUTPUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUTPUT / "gallery-signed-in.png"), full_page=True)
+
+    # Without the cookie the same image is refused; sign-out ends the session.
+    image = page.get_attribute("#cards .card img.prototype", "src")
+    assert httpx.get(f"{base}{image}" if image.startswith("/") else image).status_code == 401
+    page.click("#sign-out")
+    page.wait_for_url(f"{base}/sign-in")
+    assert page.context.cookies() == []
+    page.goto(f"{base}/jobs/{job_id}/gallery")
+    assert page.url.startswith(f"{base}/sign-in?next=")
     assert problems == []
