@@ -60,6 +60,7 @@ __all__ = [
     "train_candidate_heads",
     "run_k_selection",
     "neighbor_coassignment",
+    "head_consensus",
     "merge_groups",
     "merge_probabilities",
 ]
@@ -358,6 +359,27 @@ def run_k_selection(
     )
     features = features.cpu()
     return select_num_clusters(probabilities, neighbors, features, seed=config.seed), features
+
+
+def head_consensus(predictions: np.ndarray, num_clusters: int) -> np.ndarray:
+    """(H,) mean agreement of each head with every other head, after Hungarian alignment.
+
+    predictions: (H, N) hard clusters of H heads trained on the same features. A label-free head
+    selection: the head that the others agree with most is the medoid of the run, which on
+    fixed features beats the lowest-SCAN-loss head (that one is often sharp but lopsided). A
+    single head scores 1."""
+    from scan_engine.calibration import align_clusters
+
+    heads = np.asarray(predictions)
+    count = heads.shape[0]
+    agreement = np.eye(count)
+    for i in range(count):
+        for j in range(i + 1, count):
+            mapping = align_clusters(heads[i], heads[j], num_clusters)
+            agreement[i, j] = agreement[j, i] = float(np.mean(mapping[heads[j]] == heads[i]))
+    if count == 1:
+        return np.ones(1)
+    return (agreement.sum(1) - 1.0) / (count - 1)
 
 
 @torch.inference_mode()
