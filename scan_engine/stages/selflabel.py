@@ -1,5 +1,6 @@
 """Stage 4, selflabel: confident predictions become labels for strongly augmented views
-(scan_engine.selflabel). When no prediction is ever confident, the SCAN result is kept."""
+(scan_engine.selflabel). When no prediction is ever confident, or self-labeling would empty
+clusters or lower the agreement with the mined neighbours, the SCAN result is kept."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import torch.nn.functional as F
 
 from scan_engine.augment import StrongAugment
 from scan_engine.config import ScanConfig
+from scan_engine.feature_heads import keep_selflabel
+from scan_engine.model_selection import score_candidate
 from scan_engine.runtime import Runtime
+from scan_engine.scan import infer
 from scan_engine.selflabel import run_selflabel
 from scan_engine.stages.base import RunContext, RunState, Stage, StageReport, clustering_settings
 from scan_engine.stages.scan import cached_head_features
@@ -46,6 +50,39 @@ def augmented_features(
             views.append(torch.cat(parts))
     with torch.inference_mode(False):
         return torch.stack(views).clone()
+
+
+def _collapse_guard(ctx: RunContext, state: RunState) -> list[str]:
+    """Why the self-labeled heads must not replace the SCAN heads, one line per cluster count
+    (empty: keep them). Self-labeling may only sharpen a result: a count whose self-labeled head
+    leaves more (nearly) empty clusters, or agrees less with the mined neighbours, than its SCAN
+    head is refused (scan_engine.feature_heads.keep_selflabel), and then the whole SCAN model
+    is kept, since on the fine-tuned route one backbone serves every count."""
+    assert state.clustering is not None and state.neighbors is not None
+    assert state.scan_features is not None
+    _, logits = infer(
+        state.clustering,
+        ctx.images,
+        ctx.runtime,
+        ctx.config.eval_batch_size,
+        features=cached_head_features(ctx, state),
+    )
+    refusals = []
+    for c in ctx.config.cluster_counts():
+        scan_probabilities = F.softmax(state.scan_logits[c][0], dim=1)
+        selflabel_probabilities = F.softmax(logits[c][0], dim=1)
+        before = score_candidate(scan_probabilities, state.neighbors, state.scan_features)
+        after = score_candidate(selflabel_probabilities, state.neighbors, state.scan_features)
+        keep, why = keep_selflabel(
+            scan_probabilities.argmax(1).numpy(),
+            before.consistency,
+            selflabel_probabilities.argmax(1).numpy(),
+            after.consistency,
+            c,
+        )
+        if not keep:
+            refusals.append(f"C={c}: {why}")
+    return refusals
 
 
 class SelfLabelStage(Stage):
@@ -95,7 +132,12 @@ class SelfLabelStage(Stage):
         )
         if payload["trained"]:
             state.clustering.load_state_dict(payload["model"])
-            state.final_stage = self.name
+            refusals = _collapse_guard(ctx, state)
+            if refusals:
+                state.clustering.load_state_dict(state.scan_state)
+                report.notes.extend(refusals)
+            else:
+                state.final_stage = self.name
         else:
             state.clustering.load_state_dict(state.scan_state)
             report.notes.append(

@@ -107,3 +107,59 @@ def _stats_record() -> dict:
         "skipped_batches": 3,
         "stopped_early": False,
     }
+
+
+def _guard_case(colour_collection, make_context, collapse: bool):
+    """A SCAN head that separates the three groups, then a self-labeled head that either sends
+    every image to one cluster (collapse) or is a sharper copy of the SCAN head."""
+    ctx = make_context(colour_collection, num_clusters=C, scan={"update_backbone": False})
+    count = len(colour_collection)
+    generator = torch.Generator().manual_seed(1)
+    centres = F.normalize(torch.randn(C, DIM, generator=generator), dim=1)
+    noise = 0.01 * torch.randn(count, DIM, generator=generator)
+    features = F.normalize(centres[torch.arange(count) % C] + noise, dim=1)
+    neighbors = torch.stack([(torch.arange(count) + C * k) % count for k in (1, 2, 3)], dim=1)
+    model = ClusteringModel(nn.Identity(), DIM, [C], num_heads=1, head_input_scale=1.0)
+    head = model.heads[str(C)][0]
+    with torch.no_grad():
+        head.weight.copy_(centres * 10.0)
+        head.bias.zero_()
+    scan_state = copy.deepcopy(model.state_dict())
+    state = RunState(
+        clustering=model,
+        scan_state=scan_state,
+        neighbors=neighbors,
+        scan_features=features,
+        scan_logits={C: (features @ head.weight.T).detach().unsqueeze(0)},
+        head_features=features,
+    )
+    with torch.no_grad():
+        if collapse:
+            head.weight.zero_()
+            head.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))
+        else:
+            head.weight.mul_(3.0)
+    payload = {"model": model.state_dict(), "trained": True, "stats": _stats_record()}
+    report = SelfLabelStage().restore(ctx, state, payload)
+    return state, scan_state, report
+
+
+def test_the_guard_keeps_the_scan_result_when_self_labeling_empties_clusters(
+    colour_collection, make_context
+) -> None:
+    state, scan_state, report = _guard_case(colour_collection, make_context, collapse=True)
+    assert state.final_stage == "scan"
+    head = state.clustering.heads[str(C)][0]
+    assert torch.equal(head.weight, scan_state["heads.3.0.weight"])
+    assert torch.equal(head.bias, scan_state["heads.3.0.bias"])
+    assert any("empty clusters" in note and "SCAN result is kept" in note for note in report.notes)
+
+
+def test_the_guard_keeps_a_self_labeled_head_that_only_sharpens(
+    colour_collection, make_context
+) -> None:
+    state, scan_state, report = _guard_case(colour_collection, make_context, collapse=False)
+    assert state.final_stage == "selflabel"
+    head = state.clustering.heads[str(C)][0]
+    assert torch.allclose(head.weight, 3.0 * scan_state["heads.3.0.weight"])
+    assert not any("SCAN result is kept" in note for note in report.notes)
