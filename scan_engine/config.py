@@ -210,11 +210,16 @@ class ScanConfig(_Frozen):
     def _check_pretrained_backbone(self) -> ScanConfig:
         if self.pretrained_backbone is None:
             return self
-        size = _backbone_input_size(self.pretrained_backbone)
-        if self.image_size != size:
+        # A convolutional backbone runs at any size (small photos, or a faster run: on CIFAR-10
+        # EfficientNet-Lite0 at 160 px mines neighbours as pure as at 224); a ViT's position
+        # grid is built for one size.
+        from scan_engine.backbones.registry import get_spec
+
+        spec = get_spec(self.pretrained_backbone)
+        if self.image_size != spec.input_size and spec.timm_model.startswith("vit"):
             raise ValueError(
-                f"image_size {self.image_size} does not fit backbone "
-                f"{self.pretrained_backbone!r}, which runs at {size} px (leave image_size out)"
+                f"backbone {self.pretrained_backbone!r} runs only at {spec.input_size} px, "
+                f"not image_size {self.image_size} (leave image_size out)"
             )
         if self.backbone_weights is not None:
             raise ValueError(

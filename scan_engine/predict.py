@@ -392,11 +392,7 @@ class Predictor:
             embedded = embed_sources(
                 sources,
                 self.pretrained.module,
-                input_size=preprocessing.input_size,
-                mean=preprocessing.mean,
-                std=preprocessing.std,
-                crop_pct=preprocessing.crop_pct,
-                interpolation=preprocessing.interpolation,
+                preprocessing=preprocessing,
                 runtime=self.runtime,
                 batch_size=min(self.config.eval_batch_size, 64),
             )

@@ -77,7 +77,7 @@ def test_a_job_without_k_chooses_it_and_predicts_new_images(
         assert 0 <= item["cluster"] < k and 0.0 < item["confidence"] <= 1.0
         assert isinstance(item["outlier"], bool) and item["distance"] >= -1e-6
     assert [s["path"] for s in body["skipped"]] == ["readme.txt"]
-    assert body["model"]["format_version"] == 3 and "path" not in body["model"]
+    assert body["model"]["format_version"] == 5 and "path" not in body["model"]
 
     # Several image files in one request, merged down to one cluster.
     files = list(images.items())[:2]

@@ -34,7 +34,14 @@ def test_celery_worker_clusters_an_upload(
     with TestClient(create_app()) as client:  # start-up migrates the test database
         client.headers["Authorization"] = f"Bearer {create_api_key('e2e')}"
         ready = client.get("/readyz").json()
-        assert ready == {"status": "ready", "runner": "celery", "database": "ok", "queue": "ok"}
+        assert ready == {
+            "status": "ready",
+            "runner": "celery",
+            "database": "ok",
+            "queue": "ok",
+            "storage": "ok",
+            "storage_backend": "local",
+        }
         worker = start_celery_worker(production_env, log_path)
         try:
             job = run_and_check_clustering(client, shapes_zip_e2e)

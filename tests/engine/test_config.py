@@ -160,18 +160,20 @@ def test_image_size_follows_the_chosen_backbone() -> None:
     assert config.image_size == get_spec("dino_vits16").input_size
     # A scratch preset given a backbone becomes the pretrained route at the backbone's size.
     assert make_config("tiny", pretrained_backbone="dino_vits16").image_size == 224
+    # A convolutional backbone may run at another size when asked (small photos, a faster run).
+    assert make_config("pretrained", image_size=160).image_size == 160
 
 
 @pytest.mark.parametrize(
     ("overrides", "words"),
     [
         ({"pretrained_backbone": "resnet9000"}, "unknown backbone 'resnet9000'; known:"),
-        ({"image_size": 64}, "runs at 224 px"),
-        ({"backbone_weights": "r18.pt"}, "two routes"),
+        ({"pretrained_backbone": "dinov2_vits14", "image_size": 64}, "runs only at 224 px"),
+        ({"pretrained_backbone": "efficientnet_lite0", "backbone_weights": "r18.pt"}, "two routes"),
     ],
 )
 def test_pretrained_route_refuses_what_cannot_run(overrides: dict[str, Any], words: str) -> None:
     with pytest.raises(ConfigError, match=words) as caught:
         make_config("pretrained", **overrides)
-    if "pretrained_backbone" in overrides:
+    if words.startswith("unknown"):
         assert "efficientnet_lite0" in str(caught.value)  # the known names are listed

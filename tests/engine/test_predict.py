@@ -139,7 +139,7 @@ def test_merging_predicts_into_fewer_clusters(k_selection_run, predictor) -> Non
 def test_the_model_file_is_versioned_and_complete(k_selection_run) -> None:
     path = find_model_file(k_selection_run.work_dir)
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    assert saved["format_version"] == MODEL_FORMAT_VERSION == 3
+    assert saved["format_version"] == MODEL_FORMAT_VERSION == 5
     assert saved["num_clusters"] == 4 and saved["k_selection"]["chosen"] == 4
     assert saved["head_input"] == "raw"  # the SimCLR route fine-tunes the backbone
     assert saved["config"]["image_size"] == 32
