@@ -54,6 +54,7 @@ __all__ = [
     "CandidateScore",
     "KSelection",
     "neighbor_agreement",
+    "neighbor_consistency",
     "cluster_silhouette",
     "score_candidate",
     "select_num_clusters",
@@ -97,6 +98,19 @@ def neighbor_agreement(
     agreement = total / (index.shape[0] * index.shape[1])
     mean = p.mean(0)  # (C,)
     return agreement, float(mean @ mean)
+
+
+def neighbor_consistency(
+    probabilities: np.ndarray | torch.Tensor, neighbors: np.ndarray | torch.Tensor
+) -> float:
+    """κ = (a - a0) / (1 - a0): how much more images agree with their mined neighbours than
+    chance (neighbor_agreement); 0 at chance, 1 when every neighbour shares the cluster."""
+    agreement, chance = neighbor_agreement(probabilities, neighbors)
+    return _kappa(agreement, chance)
+
+
+def _kappa(agreement: float, chance: float) -> float:
+    return (agreement - chance) / max(1.0 - chance, 1e-12)
 
 
 def cluster_silhouette(
@@ -151,7 +165,7 @@ def score_candidate(
     p = _tensor(probabilities).double()
     num_images, num_clusters = p.shape
     agreement, chance = neighbor_agreement(p, neighbors)
-    consistency = (agreement - chance) / max(1.0 - chance, 1e-12)
+    consistency = _kappa(agreement, chance)
     mean = p.mean(0)  # (C,)
     entropy = float(-(mean * mean.clamp_min(1e-12).log()).sum())
     balance = entropy / math.log(num_clusters)

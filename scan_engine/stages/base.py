@@ -92,6 +92,8 @@ class RunState:
     scan_features: torch.Tensor | None = None  # scan: (N, D) L2-normalised
     scan_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # scan: {C: (1, N, C)}
     final_stage: str = "scan"  # selflabel: "selflabel" once it trained
+    selflabel_features: torch.Tensor | None = None  # selflabel, when kept: (N, D) L2-normalised
+    selflabel_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # {C: (1, N, C)}
     results: list[ClusteringResult] = field(default_factory=list)  # finalize
     embedding_2d: np.ndarray | None = None  # finalize: (N, 2)
     model_path: Path | None = None  # finalize

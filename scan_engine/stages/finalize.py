@@ -15,7 +15,6 @@ from scan_engine.data import ImageCollection
 from scan_engine.predict import MODEL_FILE, prediction_state, save_model
 from scan_engine.prototypes import cluster_summaries
 from scan_engine.results import ClusteringResult
-from scan_engine.scan import infer
 from scan_engine.stages.base import RunContext, RunState, Stage, StageReport
 from scan_engine.stages.scan import cached_head_features
 
@@ -63,10 +62,9 @@ class FinalizeStage(Stage):
         config, collection = ctx.config, ctx.collection
         ctx.reporter.update(self.name, 0.0, "assigning", force=True)
         features = cached_head_features(ctx, state)
-        if state.final_stage == "selflabel":
-            final_features, final_logits = infer(
-                state.clustering, ctx.images, ctx.runtime, config.eval_batch_size, features
-            )
+        if state.final_stage == "selflabel":  # the collapse guard's pass over the kept heads
+            assert state.selflabel_features is not None
+            final_features, final_logits = state.selflabel_features, state.selflabel_logits
         else:
             final_features, final_logits = state.scan_features, state.scan_logits
         chosen_heads = state.scan_chosen_heads

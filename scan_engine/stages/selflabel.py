@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from scan_engine.augment import StrongAugment
 from scan_engine.config import ScanConfig
 from scan_engine.feature_heads import keep_selflabel
-from scan_engine.model_selection import score_candidate
+from scan_engine.model_selection import neighbor_consistency
 from scan_engine.runtime import Runtime
 from scan_engine.scan import infer
 from scan_engine.selflabel import run_selflabel
@@ -59,8 +59,7 @@ def _collapse_guard(ctx: RunContext, state: RunState) -> list[str]:
     head is refused (scan_engine.feature_heads.keep_selflabel), and then the whole SCAN model
     is kept, since on the fine-tuned route one backbone serves every count."""
     assert state.clustering is not None and state.neighbors is not None
-    assert state.scan_features is not None
-    _, logits = infer(
+    features, logits = infer(
         state.clustering,
         ctx.images,
         ctx.runtime,
@@ -71,17 +70,17 @@ def _collapse_guard(ctx: RunContext, state: RunState) -> list[str]:
     for c in ctx.config.cluster_counts():
         scan_probabilities = F.softmax(state.scan_logits[c][0], dim=1)
         selflabel_probabilities = F.softmax(logits[c][0], dim=1)
-        before = score_candidate(scan_probabilities, state.neighbors, state.scan_features)
-        after = score_candidate(selflabel_probabilities, state.neighbors, state.scan_features)
         keep, why = keep_selflabel(
             scan_probabilities.argmax(1).numpy(),
-            before.consistency,
+            neighbor_consistency(scan_probabilities, state.neighbors),
             selflabel_probabilities.argmax(1).numpy(),
-            after.consistency,
+            neighbor_consistency(selflabel_probabilities, state.neighbors),
             c,
         )
         if not keep:
             refusals.append(f"C={c}: {why}")
+    if not refusals:  # finalize reads the kept heads' outputs instead of a second pass
+        state.selflabel_features, state.selflabel_logits = features, logits
     return refusals
 
 
