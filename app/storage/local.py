@@ -4,8 +4,9 @@ Rows store paths relative to the root; those relative paths are also the object 
 app.storage.objects, so the filesystem store (app.storage.filesystem) reads the same files.
 
 Layout: datasets/<id>/images/<position><ext>, datasets/<id>/thumbs/<position>.jpg,
-jobs/<id>/work (pipeline checkpoints, features), tmp/ (uploads in flight; same filesystem so a
-finished upload moves into place with one rename), models/ (local backbone weights).
+jobs/<id>/work (pipeline checkpoints, features), tmp/ (uploads in flight; same filesystem so the
+local object store moves a finished upload into place with one rename), scratch/ (a worker's
+copies of objects from an S3 store), models/ (local backbone weights).
 
 An upload in flight holds an advisory lock (flock) on tmp/<folder>/.lock. The kernel drops it
 when the process dies, however it dies, so a restarted API can tell a half upload left by a
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
 import shutil
 import time
 import uuid
@@ -119,14 +119,6 @@ class Storage:
         if removed:
             logger.info("removed %d abandoned upload folders", removed)
         return removed
-
-    def move_into_place(self, source: Path, relative: str) -> Path:
-        """Rename a finished temp folder to its final relative place (atomic on one filesystem)."""
-        target = self.abspath(relative)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        (Path(source) / _LOCK_NAME).unlink(missing_ok=True)  # the lock stays held on its inode
-        os.replace(source, target)
-        return target
 
     def remove(self, path: Path | str) -> None:
         """Delete a file or folder (absolute, or relative to root); missing is fine."""

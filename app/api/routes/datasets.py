@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
 
 from app import crud
-from app.api.deps import OwnerDep, SessionDep, SettingsDep, StorageDep
+from app.api.deps import ObjectStoreDep, OwnerDep, SessionDep, SettingsDep, StorageDep
 from app.api.images import image_response
 from app.api.owned import get_owned_dataset, valid_id
 from app.backbones import feature_cache_dir
@@ -72,6 +72,7 @@ async def upload_dataset(
     response: Response,
     settings: SettingsDep,
     storage: StorageDep,
+    store: ObjectStoreDep,
     owner: OwnerDep,
 ) -> DatasetPublic:
     """Stream the zip to disk, extract the usable images, record them; report what was skipped.
@@ -102,7 +103,7 @@ async def upload_dataset(
                 name=printable(name, 255).strip() or "dataset",
                 labels_from_folders=labels,
                 settings=settings,
-                storage=storage,
+                store=store,
                 session_factory=factory,
                 owner_id=owner.id,
                 content_sha256=received.sha256,
