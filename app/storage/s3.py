@@ -17,6 +17,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, BinaryIO
 
 from app.storage.objects import (
+    TRANSFER_THREADS,
     ObjectInfo,
     ObjectStore,
     StorageKeyMissing,
@@ -109,6 +110,8 @@ class S3ObjectStore(ObjectStore):
             read_timeout=timeout_s or self._timeout_s,
             retries={"max_attempts": 1 if timeout_s else self._max_attempts, "mode": "standard"},
             signature_version="s3v4",
+            # One connection per thread of a folder transfer (the default pool holds 10).
+            max_pool_connections=TRANSFER_THREADS + 4,
             # A custom endpoint (SeaweedFS, MinIO) rarely has wildcard DNS for bucket hosts.
             s3={"addressing_style": "path" if options["endpoint_url"] else "auto"},
         )

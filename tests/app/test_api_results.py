@@ -53,7 +53,7 @@ def finished_job(client: TestClient, dataset: dict[str, Any], make_job: Any) -> 
     from app.core.config import get_settings
     from app.db.session import get_sessionmaker
     from app.runner.results import save_results
-    from app.storage import Storage
+    from app.storage import object_store
     from scan_engine.results import PipelineResult
 
     job_id = make_job(dataset["id"], status="running", num_clusters=3)
@@ -69,7 +69,7 @@ def finished_job(client: TestClient, dataset: dict[str, Any], make_job: Any) -> 
         report={},
         embedding_2d=np.arange(2 * len(ids), dtype=np.float32).reshape(-1, 2),  # (N, 2)
     )
-    status = save_results(get_sessionmaker(), job_id, ids, result, Storage(get_settings().DATA_DIR))
+    status = save_results(get_sessionmaker(), job_id, ids, result, object_store(get_settings()))
     assert status == "succeeded"
     return {"id": job_id, "ids": ids, "dataset": dataset}
 
@@ -91,7 +91,7 @@ def test_the_route_the_engine_reports_is_kept_with_the_job(
     from app.core.config import get_settings
     from app.db.session import get_sessionmaker
     from app.runner.results import save_results
-    from app.storage import Storage
+    from app.storage import object_store
     from scan_engine.results import PipelineResult
 
     job_id = make_job(
@@ -107,7 +107,7 @@ def test_the_route_the_engine_reports_is_kept_with_the_job(
         "timings_s": {"mine": 0.1},  # the rest of the report stays in report.json
     }
     result = PipelineResult([_clustering(3, len(ids))], {}, {}, {}, [], report)
-    save_results(get_sessionmaker(), job_id, ids, result, Storage(get_settings().DATA_DIR))
+    save_results(get_sessionmaker(), job_id, ids, result, object_store(get_settings()))
     job = client.get(f"{JOBS}/{job_id}").json()
     assert job["run_report"] == {
         "route": "pretrained",
@@ -126,9 +126,9 @@ def test_the_route_the_engine_reports_is_kept_with_the_job(
 def test_the_2d_map_is_stored_in_image_position_order(finished_job: dict[str, Any]) -> None:
     from app.core.config import get_settings
     from app.maps import load_embedding
-    from app.storage import Storage
+    from app.storage import object_store
 
-    stored = load_embedding(Storage(get_settings().DATA_DIR), finished_job["id"])
+    stored = load_embedding(object_store(get_settings()), finished_job["id"])
     assert stored is not None and stored.shape == (36, 2)
     # Engine row i is the image at position 35 - i (the fixture reversed the upload order).
     assert stored[35].tolist() == [0.0, 1.0] and stored[0].tolist() == [70.0, 71.0]
@@ -214,7 +214,7 @@ def test_prototype_in_an_odd_format_is_served_as_png(client: TestClient, make_jo
     from app.core.config import get_settings
     from app.db.session import get_sessionmaker
     from app.runner.results import save_results
-    from app.storage import Storage
+    from app.storage import object_store
     from scan_engine.results import PipelineResult
 
     buffer = io.BytesIO()
@@ -225,7 +225,7 @@ def test_prototype_in_an_odd_format_is_served_as_png(client: TestClient, make_jo
     ids = [i["id"] for i in client.get(f"/api/v1/datasets/{dataset['id']}/images").json()["items"]]
     job_id = make_job(dataset["id"], status="running", num_clusters=2)
     result = PipelineResult([_clustering(2, 2)], {}, {}, {}, [], {})
-    save_results(get_sessionmaker(), job_id, ids, result, Storage(get_settings().DATA_DIR))
+    save_results(get_sessionmaker(), job_id, ids, result, object_store(get_settings()))
     response = client.get(f"{JOBS}/{job_id}/clusters/0/prototype")
     assert response.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(response.content)).format == "PNG"
