@@ -2,12 +2,18 @@
 the API (this process) with its own DATA_DIR, and a real `celery worker` process with another,
 empty one. A job runs end to end; the gallery's images come from the store through presigned
 redirects; prediction loads the model from the store; deleting the dataset removes its objects.
+A worker killed with SIGKILL mid-job is replaced by one on a third, empty DATA_DIR, which
+resumes from the checkpoint the first one left in the store.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +33,13 @@ from tests.service_support import (
 )
 
 
-@pytest.fixture
-def hosts(
-    seaweedfs: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@contextmanager
+def _hosts(
+    seaweedfs: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **extra: str
 ) -> Iterator[dict[str, Any]]:
-    """The API's settings (set for this process) and the worker's environment."""
     store = seaweedfs.settings_env() | {"S3_PREFIX": f"two-hosts-{uuid.uuid4().hex[:10]}/"}
     api_data = tmp_path / "api-data"
-    with celery_service_env(tmp_path, monkeypatch, DATA_DIR=str(api_data), **store) as env:
+    with celery_service_env(tmp_path, monkeypatch, DATA_DIR=str(api_data), **store, **extra) as env:
         worker_data = tmp_path / "worker-data"
         worker_data.mkdir()
         yield {
@@ -43,6 +48,15 @@ def hosts(
             "worker_env": env | {"DATA_DIR": str(worker_data)},
             "prefix": store["S3_PREFIX"],
         }
+
+
+@pytest.fixture
+def hosts(
+    seaweedfs: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[dict[str, Any]]:
+    """The API's settings (set for this process) and the worker's environment."""
+    with _hosts(seaweedfs, tmp_path, monkeypatch) as hosts:
+        yield hosts
 
 
 def _keys(server: SeaweedFS, prefix: str) -> set[str]:
@@ -135,3 +149,85 @@ def test_a_job_runs_on_a_worker_that_shares_only_db_broker_and_store(
         assert client.delete(f"/api/v1/datasets/{dataset['id']}").status_code == 204
         assert _keys(seaweedfs, hosts["prefix"]) == set()
     assert "job finished" in log_path.read_text()
+
+
+def _lease_pid(job_id: str) -> int:
+    from app.db.models import Job
+    from app.db.session import session_scope
+
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.lease_owner, "the running job holds no lease"
+        return int(job.lease_owner.split(":")[1])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_worker_on_another_host_resumes_from_the_checkpoint_in_the_store(
+    seaweedfs: SeaweedFS,
+    shapes_zip: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from app.main import create_app
+
+    quick_takeover = {
+        "CELERY_VISIBILITY_TIMEOUT_S": "3",
+        "JOB_LEASE_S": "6",
+        "JOB_HEARTBEAT_S": "1",
+        "REAPER_INTERVAL_S": "2",
+    }
+    logs = [tmp_path / "worker-a.log", tmp_path / "worker-b.log"]
+    with (
+        _hosts(seaweedfs, tmp_path, monkeypatch, **quick_takeover) as hosts,
+        TestClient(create_app()) as client,
+    ):
+        client.headers["Authorization"] = f"Bearer {create_api_key('two-hosts')}"
+        dataset = upload_shapes(client, shapes_zip)
+        first = start_celery_worker(hosts["worker_env"], logs[0], name="host-a")
+        second = None
+        try:
+            response = client.post(
+                "/api/v1/jobs",
+                json={
+                    "dataset_id": dataset["id"],
+                    "num_clusters": 3,
+                    "preset": "tiny",
+                    "overrides": FAST_OVERRIDES | {"scan": {"epochs": 2, "num_heads": 1}},
+                },
+            )
+            assert response.status_code == 202, response.text
+            job_id = response.json()["id"]
+            checkpoint = f"{hosts['prefix']}jobs/{job_id}/work/pretext.pt"
+            raw = seaweedfs.client()
+            deadline = time.monotonic() + 120
+            while f"jobs/{job_id}/work/pretext.pt" not in _keys(seaweedfs, hosts["prefix"]):
+                job = client.get(f"/api/v1/jobs/{job_id}").json()
+                assert job["status"] not in FINISHED, job
+                assert time.monotonic() < deadline, "the pretext checkpoint never reached the store"
+                time.sleep(0.2)
+            written = raw.head_object(Bucket=seaweedfs.bucket, Key=checkpoint)["ETag"]
+            os.kill(_lease_pid(job_id), signal.SIGKILL)  # the pool process running the job
+            first.kill()  # and the whole worker: that host is gone
+            first.wait()
+
+            other_host = tmp_path / "worker-b-data"
+            other_host.mkdir()
+            second_env = hosts["worker_env"] | {"DATA_DIR": str(other_host)}
+            second = start_celery_worker(second_env, logs[1], name="host-b")
+            job = wait_for(client, job_id, FINISHED, 180)
+            assert job["status"] == "succeeded", job["error"]
+            assert job["attempts"] == 2
+            log = logs[1].read_text(errors="replace")
+            assert "resuming: stage pretext loaded" in log  # not trained again
+            assert raw.head_object(Bucket=seaweedfs.bucket, Key=checkpoint)["ETag"] == written
+            assert client.get(f"/api/v1/jobs/{job_id}/assignments").json()["total"] == 36
+        except BaseException:
+            for path in logs:
+                if path.exists():
+                    print(f"--- {path.name}\n{path.read_text(errors='replace')[-5000:]}")
+            raise
+        finally:
+            for worker in (first, second):
+                if worker is not None:
+                    stop_process(worker)
