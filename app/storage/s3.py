@@ -282,6 +282,28 @@ class S3ObjectStore(ObjectStore):
             )
         return url
 
+    def create_bucket(self) -> bool:
+        """Create the bucket unless it exists; whether it was created."""
+        from botocore.exceptions import ClientError
+
+        client = self._client()
+        try:
+            client.head_bucket(Bucket=self.bucket)
+            return False
+        except ClientError as error:
+            if str(error.response.get("Error", {}).get("Code", "")) not in _MISSING_CODES | {
+                "NoSuchBucket"
+            }:
+                raise self._error(error) from error
+        except Exception as error:
+            raise self._error(error) from error
+        with self._calling():
+            try:
+                client.create_bucket(Bucket=self.bucket)
+            except client.exceptions.BucketAlreadyOwnedByYou:
+                return False  # made meanwhile by another replica
+        return True
+
     def check(self, timeout_s: float) -> None:
         with self._calling():
             self._client("ready", timeout_s).head_bucket(Bucket=self.bucket)
