@@ -62,6 +62,11 @@ class Storage:
     def job_work_dir(job_id: str) -> str:
         return f"jobs/{job_id}/work"
 
+    @staticmethod
+    def model_copy_dir(job_id: str) -> str:
+        """Where this host keeps its copy of a job's model fetched from S3 for prediction."""
+        return f"scratch/models/{job_id}"
+
     @property
     def models_dir(self) -> Path:
         return self.root / "models"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -231,3 +232,22 @@ def test_prototype_in_an_odd_format_is_served_as_png(client: TestClient, make_jo
     assert Image.open(io.BytesIO(response.content)).format == "PNG"
     original = client.get(f"/api/v1/datasets/{dataset['id']}/images/{ids[0]}")
     assert original.headers["content-type"] == "image/bmp"  # originals are served as uploaded
+
+
+def test_deleting_a_job_removes_its_results_and_files(
+    client: TestClient, finished_job: dict[str, Any], make_job: Any, data_dir: Path
+) -> None:
+    job_id = finished_job["id"]
+    job_folder = data_dir / "jobs" / job_id
+    assert (job_folder / "embedding_2d.npy").is_file()
+    running = make_job(finished_job["dataset"]["id"], status="running")
+    refused = client.delete(f"{JOBS}/{running}")
+    assert refused.status_code == 409 and "cancel it" in refused.json()["detail"]
+
+    assert client.delete(f"{JOBS}/{job_id}").status_code == 204
+    assert client.get(f"{JOBS}/{job_id}").status_code == 404
+    assert client.get(f"{JOBS}/{job_id}/assignments").status_code == 404
+    assert not job_folder.exists()
+    dataset = client.get(f"/api/v1/datasets/{finished_job['dataset']['id']}")
+    assert dataset.status_code == 200  # the dataset stays
+    assert client.delete(f"{JOBS}/{job_id}").status_code == 404

@@ -1,7 +1,8 @@
 """Two hosts that share nothing but PostgreSQL, Redis and the object store (a real SeaweedFS):
 the API (this process) with its own DATA_DIR, and a real `celery worker` process with another,
 empty one. A job runs end to end; the gallery's images come from the store through presigned
-redirects; prediction loads the model from the store; deleting the dataset removes its objects.
+redirects; prediction loads the model from the store; deleting the job, then the dataset,
+removes their objects.
 A worker killed with SIGKILL mid-job is replaced by one on a third, empty DATA_DIR, which
 resumes from the checkpoint the first one left in the store.
 """
@@ -145,7 +146,13 @@ def test_a_job_runs_on_a_worker_that_shares_only_db_broker_and_store(
         )
         assert predicted.status_code == 200, predicted.text
         assert len(predicted.json()["items"]) == 1
+        model_copy = hosts["api_data"] / "scratch" / "models" / job["id"]
+        assert [p.suffix for p in model_copy.iterdir()] == [".pt"]  # fetched once, kept
 
+        assert client.delete(f"/api/v1/jobs/{job['id']}").status_code == 204
+        left = _keys(seaweedfs, hosts["prefix"])
+        assert left and not any(key.startswith(f"jobs/{job['id']}/") for key in left)
+        assert not model_copy.exists()
         assert client.delete(f"/api/v1/datasets/{dataset['id']}").status_code == 204
         assert _keys(seaweedfs, hosts["prefix"]) == set()
     assert "job finished" in log_path.read_text()

@@ -148,6 +148,7 @@ def delete_dataset(
     session: SessionDep,
     owner: OwnerDep,
     store: ObjectStoreDep,
+    storage: StorageDep,
     dataset_id: str,
 ) -> Response:
     """Delete the dataset with its images, its jobs and their results, and its cached
@@ -166,6 +167,8 @@ def delete_dataset(
     # point at missing objects.
     prefixes = [f"{folder}/", f"{FEATURES_DIR}/{dataset.id}/"]
     remove_prefixes(store, prefixes + [f"jobs/{job_id}/" for job_id in job_ids])
+    for job_id in job_ids:  # this host's copies of their models for prediction (S3)
+        storage.remove(storage.model_copy_dir(job_id))
     logger.info("dataset deleted", extra={"dataset_id": dataset_id, "jobs": len(job_ids)})
     return Response(status_code=204)
 

@@ -37,6 +37,7 @@ from app.schemas import Message, SkippedEntry
 from app.storage import (
     FilesystemObjectStore,
     ObjectStore,
+    Storage,
     StorageKeyMissing,
     StoragePathError,
     check_key,
@@ -120,7 +121,7 @@ def _model_file(store: ObjectStore, settings: Settings, job: Job, key: str) -> t
             raise StorageKeyMissing(key)
         return path, str(path.stat().st_mtime_ns)
     version = f"{job.finished_at:%Y%m%dT%H%M%S%f}" if job.finished_at else "0"
-    path = Path(settings.DATA_DIR) / "scratch" / "models" / job.id / f"{version}.pt"
+    path = Storage(settings.DATA_DIR).abspath(Storage.model_copy_dir(job.id)) / f"{version}.pt"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as part:
