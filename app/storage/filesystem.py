@@ -166,7 +166,8 @@ class FilesystemObjectStore(ObjectStore):
                 key = path.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
                     try:
-                        found.append(ObjectInfo(key, path.stat().st_size))
+                        stat = path.stat()
+                        found.append(ObjectInfo(key, stat.st_size, stat.st_mtime))
                     except FileNotFoundError:
                         continue  # deleted while listing
         yield from sorted(found, key=lambda info: info.key)

@@ -68,6 +68,7 @@ class ObjectInfo:
 
     key: str
     size: int
+    modified: float | None = None  # seconds since the epoch, as the store reports it
 
 
 def check_key(key: str) -> str:

@@ -241,7 +241,10 @@ class S3ObjectStore(ObjectStore):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
                 for item in page.get("Contents", []):
                     key = item["Key"][len(self.prefix) :]
-                    yield ObjectInfo(key, int(item["Size"]))
+                    modified = item.get("LastModified")
+                    yield ObjectInfo(
+                        key, int(item["Size"]), modified.timestamp() if modified else None
+                    )
 
     # -- deletes ------------------------------------------------------------------------------
 

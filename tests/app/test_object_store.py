@@ -126,6 +126,8 @@ def test_list_by_prefix(store: Any) -> None:
     everything = [i.key for i in store.list()]
     assert everything == sorted(everything)
     assert {"a/1", "a/2/x", "ab/3", "b/4"} <= set(everything)
+    for info in store.list("a/"):  # when it was written, as the store's clock has it
+        assert info.modified is not None and abs(info.modified - time.time()) < 120
 
 
 def test_delete_one_key_and_a_folder(store: Any) -> None:
