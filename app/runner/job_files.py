@@ -6,7 +6,8 @@ DATA_DIR/jobs/<id>/work, reads the images where the upload stored them and cache
 DATA_DIR/features/<dataset id>; nothing is copied.
 
 S3: the worker copies what it needs into a scratch folder of its own, DATA_DIR/scratch/jobs/<id>
-(emptied at the start of every attempt: nothing a killed attempt left there is trusted), and
+(emptied at the start of every attempt: nothing a killed attempt left there is trusted; locked
+while the run lasts, so the next run on this host removes the folders of runs that died), and
 writes back under the same keys the local layout uses:
 
 - before the run: the dataset's images (by key), the job's checkpoints `jobs/<id>/work/*.pt` and
@@ -26,11 +27,11 @@ import logging
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from app.backbones import FEATURES_DIR
 from app.core.config import Settings
-from app.storage import FilesystemObjectStore, ObjectStore, StorageError
+from app.storage import FilesystemObjectStore, ObjectStore, Storage, StorageError
 
 __all__ = ["JobFiles"]
 
@@ -64,16 +65,20 @@ class JobFiles:
             self.feature_cache_dir = self.scratch / "features"
         self._pushed: dict[Path, tuple[int, int]] = {}  # file -> (size, mtime_ns) in the store
         self._stage: str | None = None
+        self._data = Storage(settings.DATA_DIR)
+        self._lock: BinaryIO | None = None
 
     # -- before the run -----------------------------------------------------------------------
 
     def prepare(self) -> None:
         """An empty scratch folder with the job's checkpoints and the dataset's feature cache
         from the store (S3); the local store needs nothing."""
-        self.work_dir.mkdir(parents=True, exist_ok=True)
         if self.scratch is None:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
             return
         shutil.rmtree(self.scratch, ignore_errors=True)
+        self._lock = Storage.lock_folder(self.scratch)
+        self._data.remove_abandoned(self.scratch.parent)  # runs on this host that died
         for prefix, folder in (
             (self.work_prefix, self.work_dir),
             (self.features_prefix, self.feature_cache_dir),
@@ -154,6 +159,9 @@ class JobFiles:
         """Remove the scratch folder (S3); the local folders are the store and stay."""
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
+        if self._lock is not None:
+            self._lock.close()  # releases the lock
+            self._lock = None
 
     # -- helpers ------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from app.storage.objects import StoragePathError
 
@@ -104,6 +105,30 @@ class Storage:
                 return False
             # Just created and not locked yet by its owner: leave it a moment.
             return time.time() - lock.stat().st_mtime > grace_s
+
+    @staticmethod
+    def lock_folder(path: Path) -> BinaryIO:
+        """Make `path` and hold its lock until the returned handle is closed or the process
+        dies (a worker's scratch folder: `remove_abandoned` tells the dead ones)."""
+        path.mkdir(parents=True, exist_ok=True)
+        handle = (path / _LOCK_NAME).open("wb")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return handle
+
+    def remove_abandoned(self, parent: Path, grace_s: float = 2.0) -> int:
+        """Remove the folders under `parent` whose lock is free (the process holding it died,
+        however it died); how many. Locked folders and folders without a lock stay."""
+        removed = 0
+        for path in Path(parent).glob("*"):
+            try:
+                if self._abandoned(path, grace_s):
+                    self.remove(path)
+                    removed += 1
+            except OSError:
+                continue
+        if removed:
+            logger.info("removed %d abandoned scratch folders under %s", removed, parent)
+        return removed
 
     def clean_stale_temp(self, max_age_s: float, grace_s: float = 2.0) -> int:
         """Remove temp folders left by a crash; how many were removed.

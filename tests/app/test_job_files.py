@@ -5,6 +5,8 @@ store. A store that is down fails the job with a clear message and marks nothing
 
 from __future__ import annotations
 
+import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +37,7 @@ class _Event:
 
 def test_scratch_on_s3_restores_checkpoints_and_pushes_new_ones(s3_settings: Any) -> None:
     from app.runner.job_files import JobFiles
-    from app.storage import object_store
+    from app.storage import Storage, object_store
 
     store = object_store(s3_settings)
     store.put_bytes("jobs/j1/work/pretext.pt", b"pretext checkpoint")
@@ -46,9 +48,17 @@ def test_scratch_on_s3_restores_checkpoints_and_pushes_new_ones(s3_settings: Any
     assert files.scratch is not None
     (files.scratch / "work").mkdir(parents=True)
     (files.scratch / "work" / "scan.pt").write_bytes(b"stale, from an attempt killed here")
+    dead = files.scratch.parent / "dead-job"  # a run on this host that was killed
+    (dead / "work").mkdir(parents=True)
+    (dead / ".lock").write_bytes(b"")
+    os.utime(dead / ".lock", (time.time() - 60, time.time() - 60))
+    alive = Storage.lock_folder(files.scratch.parent / "running-job")  # another run, here
 
     files.prepare()
+    assert not dead.exists() and (files.scratch.parent / "running-job").is_dir()
+    alive.close()
     assert sorted(p.name for p in files.work_dir.iterdir()) == ["pretext.pt"]
+    assert (files.scratch / ".lock").is_file()  # held while the run lasts
     assert (files.feature_cache_dir / "abc.npz").read_bytes() == b"cached features"
 
     seen: list[str] = []

@@ -17,9 +17,7 @@ from tests.service_support import upload_zip, use_settings
 
 
 @pytest.fixture(params=["local", "s3"])
-def service(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Any:
+def service(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     env = {"DATA_DIR": str(tmp_path / "data")}
     if request.param == "s3":
         server: SeaweedFS = request.getfixturevalue("seaweedfs")
