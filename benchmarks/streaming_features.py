@@ -154,7 +154,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, nargs="+", default=[200], help="collection sizes")
     parser.add_argument("--size", type=int, default=224, help="backbone input size (px)")
     parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="a timm model name")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the runtime's")
     parser.add_argument("--decode-workers", type=int, default=2)
     parser.add_argument("--views", type=int, default=0, help="augmented views per image")
     parser.add_argument("--device", default="auto")

@@ -278,7 +278,7 @@ def embed_sources(
     *,
     preprocessing: Preprocessing,
     runtime: Runtime,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     decode_workers: int = 2,
     augmented_views: int = 0,
     seed: int = 0,
@@ -290,8 +290,10 @@ def embed_sources(
     `module` is moved to the runtime's device and layout and put in eval mode. Items that cannot
     be read or decoded are skipped and reported. `progress(done, total)` is called after each
     batch (items done, skipped ones included); when `should_stop()` turns true, StopRequested is
-    raised before the next batch.
+    raised before the next batch. `batch_size` None: the runtime's inference batch size.
     """
+    if batch_size is None:
+        batch_size = runtime.inference_batch_size
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if decode_workers < 1:

@@ -166,7 +166,7 @@ def cached_embedding(
     weights_sha256: str,
     preprocessing: Preprocessing,
     runtime: Runtime,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     decode_workers: int = 2,
     augmented_views: int = 0,
     seed: int = 0,

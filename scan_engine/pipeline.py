@@ -290,7 +290,14 @@ def _report(ctx: RunContext, results: list[ClusteringResult], record: _RunRecord
         "backbone": features
         and {
             key: features[key]
-            for key in ("name", "weights_sha256", "image_size", "from_cache", "images_per_s")
+            for key in (
+                "name",
+                "weights_sha256",
+                "weights_source",
+                "image_size",
+                "from_cache",
+                "images_per_s",
+            )
         },
         "config": config.to_json_dict(),
         "machine": machine_info(ctx.runtime),

@@ -394,7 +394,6 @@ class Predictor:
                 self.pretrained.module,
                 preprocessing=preprocessing,
                 runtime=self.runtime,
-                batch_size=min(self.config.eval_batch_size, 64),
             )
             if len(embedded) != len(sources):
                 reasons = "; ".join(f"{s.path}: {s.reason}" for s in embedded.skipped)

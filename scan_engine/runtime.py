@@ -10,6 +10,11 @@ stays off there. `precision="float32"` turns mixed precision off everywhere.
 without bf16 the cpu preset's SimCLR step ran at 55-64 images/s in channels_last against 42 in
 the default layout (stock ResNet-18: 14.1 against 10.6). "float32" keeps the default layout:
 the reference numerics the tests' expected results were measured with.
+
+Inference on a CPU runs in small batches (`Runtime.inference_batch_size`): a batch's activations
+then stay in the cores' caches. EfficientNet-Lite0 at 224 px on 2 cores of an Intel Xeon with
+AMX ran at 126 images/s in batches of 16 against 87 in batches of 64 (bf16; float32 67 against
+40), and the whole streaming extractor on CIFAR-10 at 108 against 54 images/s.
 """
 
 from __future__ import annotations
@@ -61,6 +66,11 @@ class Runtime:
     @property
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    @property
+    def inference_batch_size(self) -> int:
+        """Images per forward pass of a frozen backbone (see the module docstring)."""
+        return 64 if self.is_cuda else 16
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         if self.amp_dtype is None:

@@ -58,7 +58,8 @@ def _plain(value: Any) -> Any:
 
 
 # What the job keeps of the engine's report: which route ran, on what, and whether the features
-# were computed or came from the dataset's cache.
+# were computed or came from the dataset's cache. The engine reports the backbone as a section
+# (scan_engine.pipeline: "backbone": {name, weights_sha256, image_size, from_cache, ...}).
 ROUTE_REPORT_KEYS = (
     "route",
     "backbone",
@@ -67,20 +68,28 @@ ROUTE_REPORT_KEYS = (
     "weights_sha256",
     "weights_source",
 )
+_BACKBONE_SECTION_KEYS = {
+    "name": "backbone",
+    "image_size": "image_size",
+    "from_cache": "features_from_cache",
+    "weights_sha256": "weights_sha256",
+    "weights_source": "weights_source",
+}
 
 
 def route_report(report: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The ROUTE_REPORT_KEYS the engine's report holds, at its top level or inside a `route`
-    section; None when it holds none of them (an older engine)."""
+    """The ROUTE_REPORT_KEYS of the engine's report, the backbone section flattened into them;
+    None when it holds none of them (an older engine)."""
     if not isinstance(report, dict):
         return None
     found: dict[str, Any] = {}
-    section = report.get("route")
+    if isinstance(report.get("route"), str):
+        found["route"] = report["route"]
+    section = report.get("backbone")
     if isinstance(section, dict):
-        found.update({k: section[k] for k in ROUTE_REPORT_KEYS if k in section})
-    found.update(
-        {k: report[k] for k in ROUTE_REPORT_KEYS if k in report and not isinstance(report[k], dict)}
-    )
+        found.update(
+            {ours: section[key] for key, ours in _BACKBONE_SECTION_KEYS.items() if key in section}
+        )
     return jsonable(found) if found else None
 
 

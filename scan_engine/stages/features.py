@@ -115,7 +115,6 @@ class FeaturesStage(Stage):
             weights_sha256=backbone.weights_sha256,
             preprocessing=preprocessing,
             runtime=ctx.runtime,
-            batch_size=min(config.eval_batch_size, 64),
             augmented_views=CACHED_AUGMENTED_VIEWS,
             seed=config.seed,
             progress=lambda done, total: ctx.reporter.update(

@@ -100,11 +100,16 @@ def test_the_route_the_engine_reports_is_kept_with_the_job(
     )
     images = client.get(f"/api/v1/datasets/{dataset['id']}/images", params={"limit": 100}).json()
     ids = [item["id"] for item in images["items"]]
-    report = {
+    report = {  # the shape scan_engine.pipeline reports
         "route": "pretrained",
-        "backbone": "efficientnet_lite0",
-        "image_size": np.int64(224),  # engine numbers come back as plain JSON
-        "features_from_cache": True,
+        "backbone": {
+            "name": "efficientnet_lite0",
+            "weights_sha256": "ab" * 32,
+            "weights_source": "package",
+            "image_size": np.int64(224),  # engine numbers come back as plain JSON
+            "from_cache": True,
+            "images_per_s": None,
+        },
         "timings_s": {"mine": 0.1},  # the rest of the report stays in report.json
     }
     result = PipelineResult([_clustering(3, len(ids))], {}, {}, {}, [], report)
@@ -115,6 +120,8 @@ def test_the_route_the_engine_reports_is_kept_with_the_job(
         "backbone": "efficientnet_lite0",
         "image_size": 224,
         "features_from_cache": True,
+        "weights_sha256": "ab" * 32,
+        "weights_source": "package",
     }
     assert (job["route"], job["backbone"], job["image_size"], job["features_from_cache"]) == (
         "pretrained",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.e2e.flow import cancel_running_job, run_and_check_clustering
+from tests.e2e.flow import SCRATCH_JOB, cancel_running_job, run_and_check_clustering
 from tests.service_support import (
     celery_service_env,
     create_api_key,
@@ -44,7 +44,7 @@ def test_celery_worker_clusters_an_upload(
         }
         worker = start_celery_worker(production_env, log_path)
         try:
-            job = run_and_check_clustering(client, shapes_zip_e2e)
+            job = run_and_check_clustering(client, shapes_zip_e2e, SCRATCH_JOB)
             assert job["attempts"] == 1
             # kill -9 mid-job and the redelivery pitfall: tests/e2e/test_faults_celery.py
             cancel_running_job(client, job["dataset_id"])
