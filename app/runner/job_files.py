@@ -24,6 +24,7 @@ writes back under the same keys the local layout uses:
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 # scan_engine.predict.MODEL_FILE (not imported: that loads torch into the API's processes too).
 MODEL_FILE = "model.pt"
+_COPY_MTIME_NS = 0  # the mtime of every image copied from the store (see image_paths)
 
 
 def _whole_file(path: Path) -> bool:
@@ -104,6 +106,11 @@ class JobFiles:
         assert self.scratch is not None
         paths = [self.scratch / "images" / key for key in keys]
         self.store.get_files(list(zip(keys, paths, strict=True)))
+        for path in paths:
+            # The engine's feature-cache key signs each file by size and mtime: a fresh copy
+            # would sign anew on every host and attempt. A stored image never changes (its key
+            # holds the dataset id and position), so every copy gets one fixed mtime.
+            os.utime(path, ns=(_COPY_MTIME_NS, _COPY_MTIME_NS))
         return paths
 
     # -- during the run -----------------------------------------------------------------------

@@ -238,3 +238,49 @@ def test_a_worker_on_another_host_resumes_from_the_checkpoint_in_the_store(
             for worker in (first, second):
                 if worker is not None:
                     stop_process(worker)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_the_feature_cache_serves_a_worker_on_another_host(
+    seaweedfs: SeaweedFS, shapes_zip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pretrained route (the default): the first job's features, cached in the store under
+    the dataset, spare a second job on another host (empty DATA_DIR) the backbone pass."""
+    from app.main import create_app
+
+    logs = [tmp_path / "worker-a.log", tmp_path / "worker-b.log"]
+    with (
+        _hosts(seaweedfs, tmp_path, monkeypatch) as hosts,
+        TestClient(create_app()) as client,
+    ):
+        client.headers["Authorization"] = f"Bearer {create_api_key('two-hosts')}"
+        dataset = upload_shapes(client, shapes_zip)
+        jobs = []
+        for index, log in enumerate(logs):
+            data_dir = tmp_path / f"worker-{index}-data"
+            data_dir.mkdir()
+            worker = start_celery_worker(
+                hosts["worker_env"] | {"DATA_DIR": str(data_dir)}, log, name=f"host-{index}"
+            )
+            try:
+                response = client.post(
+                    "/api/v1/jobs", json={"dataset_id": dataset["id"], "num_clusters": 3 + index}
+                )
+                assert response.status_code == 202, response.text
+                jobs.append(wait_for(client, response.json()["id"], FINISHED, timeout_s=180))
+            except BaseException:
+                print(log.read_text(errors="replace")[-5000:])
+                raise
+            finally:
+                stop_process(worker)
+            assert jobs[-1]["status"] == "succeeded", jobs[-1]["error"]
+            assert jobs[-1]["route"] == "pretrained"
+            if index == 0:
+                cached = {
+                    key
+                    for key in _keys(seaweedfs, hosts["prefix"])
+                    if key.startswith(f"features/{dataset['id']}/")
+                }
+                assert cached, "the first job left no features in the store"
+        assert [job["features_from_cache"] for job in jobs] == [False, True]
