@@ -3,6 +3,7 @@
     scan-admin create-key --owner alice [--name laptop]   # prints the key, once
     scan-admin list-keys [--owner alice]
     scan-admin revoke-key <prefix>
+    scan-admin remove-orphans [--older-than-s 3600] [--dry-run]   # objects no row names
 
 It uses the service's settings (DATABASE_URL...) and migrates the database first, so it also
 works before the API has ever started. Keys are stored only as their sha256.
@@ -35,6 +36,18 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--owner", default=None, help="only this owner's keys")
     revoke = commands.add_parser("revoke-key", help="revoke a key; requests with it get 401")
     revoke.add_argument("prefix", help="the key's prefix, as list-keys shows it")
+    orphans = commands.add_parser(
+        "remove-orphans",
+        help="delete stored objects of datasets and jobs that have no row (left by a crash "
+        "between writing objects and committing rows, or by a store down during a deletion)",
+    )
+    orphans.add_argument(
+        "--older-than-s",
+        type=float,
+        default=3600.0,
+        help="only folders untouched this long (an upload in progress has no row yet)",
+    )
+    orphans.add_argument("--dry-run", action="store_true", help="list them, delete nothing")
     return parser
 
 
@@ -57,6 +70,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"created key {row.prefix} for owner {owner!r}; it is shown only this once",
                 file=sys.stderr,
             )
+        return 0
+    if args.command == "remove-orphans":
+        from app.db.session import get_sessionmaker
+        from app.storage import object_store
+        from app.storage.orphans import find_orphans, remove_orphans
+
+        act = find_orphans if args.dry_run else remove_orphans
+        for prefix in act(object_store(settings), get_sessionmaker(), args.older_than_s):
+            out.write(f"{prefix}\n")
         return 0
     if args.command == "list-keys":
         with session_scope() as session:

@@ -150,6 +150,25 @@ def create_job(
     return job
 
 
+class JobInUse(Exception):
+    """The job is queued or running."""
+
+
+def delete_job(session: Session, job_id: str) -> None:
+    """Delete a finished job's row and its results, committed (its objects are the caller's).
+    JobInUse, and nothing deleted, while it is queued or running."""
+    status = session.scalar(select(Job.status).where(Job.id == job_id).with_for_update())
+    if status in ACTIVE:
+        session.rollback()
+        raise JobInUse(job_id)
+    result_sets = select(ResultSet.id).where(ResultSet.job_id == job_id)
+    session.execute(delete(Assignment).where(Assignment.result_set_id.in_(result_sets)))
+    session.execute(delete(Cluster).where(Cluster.result_set_id.in_(result_sets)))
+    session.execute(delete(ResultSet).where(ResultSet.job_id == job_id))
+    session.execute(delete(Job).where(Job.id == job_id))
+    session.commit()
+
+
 def delete_unsent_job(session: Session, job_id: str) -> bool:
     """Delete a job that could not be enqueued; False when a worker has started it after all
     (its message went out), which then stands."""

@@ -36,7 +36,13 @@ from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
 from app.db.migrate import upgrade_to_head
 from app.runner.dispatch import make_dispatcher
-from app.storage import Storage, StorageKeyMissing, StorageUnavailable
+from app.storage import (
+    S3ObjectStore,
+    Storage,
+    StorageKeyMissing,
+    StorageUnavailable,
+    object_store,
+)
 
 __all__ = ["create_app", "serve"]
 
@@ -99,6 +105,18 @@ async def _to_sign_in(request: Request, error: Exception) -> RedirectResponse:
     return RedirectResponse(f"/sign-in?next={quote(error.next_path, safe='')}", status_code=303)
 
 
+def _create_bucket(settings: Settings) -> None:
+    """S3_CREATE_BUCKET: make the bucket; a store that is not up yet only delays readiness."""
+    store = object_store(settings)
+    if not isinstance(store, S3ObjectStore):
+        return
+    try:
+        if store.create_bucket():
+            logger.info("created the bucket %s", store.bucket)
+    except StorageUnavailable as error:
+        logger.error("could not create the bucket %s: %s", store.bucket, error)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API app; at start-up it migrates the DB (MIGRATE_ON_START) and starts the dispatcher."""
     settings = settings or get_settings()
@@ -109,6 +127,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         Storage(settings.DATA_DIR).clean_stale_temp(max_age_s=24 * 3600)
         if settings.MIGRATE_ON_START:
             await run_in_threadpool(upgrade_to_head, settings.DATABASE_URL)
+        if settings.S3_CREATE_BUCKET:
+            await run_in_threadpool(_create_bucket, settings)
         dispatcher = make_dispatcher(settings)
         await run_in_threadpool(dispatcher.start)
         app.state.dispatcher = dispatcher

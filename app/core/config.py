@@ -76,6 +76,11 @@ class Settings(BaseSettings):
         description="Objects larger than this go up as multipart uploads in parts of this size "
         "(S3's minimum part is 5 MiB; one part is held in memory at a time).",
     )
+    S3_CREATE_BUCKET: bool = Field(
+        default=False,
+        description="The API creates S3_BUCKET at start when it is missing (a self-contained "
+        "stack such as docker-compose.yml; production buckets are made by their admin).",
+    )
     S3_TIMEOUT_S: float = Field(default=10.0, gt=0, description="Connect and read timeout.")
     S3_MAX_ATTEMPTS: int = Field(
         default=3, ge=1, description="Attempts per request (retries throttling, resets)."

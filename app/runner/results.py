@@ -1,6 +1,10 @@
 """Storing a finished pipeline run: every result set, its clusters and assignments, the 2-D
 map and the job's final fields, in one transaction (a reader never sees half a result).
 
+The objects come first: the map and, through the caller's `publish`, every file of the result
+(model, report) are written to the object store inside that transaction, before it commits; a
+store that fails there rolls it back, so a job is never marked succeeded with an object missing
+(S3 has no rename to make a folder of results appear at once: the row is the switch).
 Conditional on the job still running under the caller's lease, and a cancel that arrived
 meanwhile wins: then nothing is stored.
 """
@@ -9,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, insert, select
@@ -19,7 +23,7 @@ from app.db.models import Assignment, Cluster, Job, JobStatus, ResultSet, utcnow
 from app.db.models import Image as ImageRow
 from app.maps import save_embedding
 from app.runner.claim import elapsed_s
-from app.storage import Storage
+from app.storage import ObjectStore, StorageError
 
 if TYPE_CHECKING:
     from scan_engine.results import PipelineResult
@@ -94,15 +98,21 @@ def save_results(
     job_id: str,
     ids: list[str],
     result: PipelineResult,
-    storage: Storage,
+    store: ObjectStore,
     holder: str | None = None,
+    publish: Callable[[str | None], str | None] | None = None,
 ) -> str:
     """Store every result set, its clusters and assignments, and mark the job: ONE transaction.
 
     `ids[i]` is the image id of row i of the engine's arrays (the collection's ids). The job
     must be running (and, `holder` given, under that lease: a worker whose lease was taken over
     stores nothing); a cancel that arrived meanwhile wins and nothing is stored.
+    `publish(result.model_path)` writes the run's files to the store and returns the model
+    file's key (app.runner.job_files.JobFiles.publish); without it a result with a model file
+    is refused, since only a key may be stored.
     """
+    if result.model_path and publish is None:
+        raise ValueError("a result with a model file needs `publish` to store it by key")
     with factory() as session, session.begin():
         job = session.get(Job, job_id, with_for_update=True)
         if job is None or job.status != JobStatus.RUNNING:
@@ -172,8 +182,8 @@ def save_results(
         embedding = getattr(result, "embedding_2d", None)  # (N, 2) float32, engine row order
         if embedding is not None:
             try:  # the gallery's map is a nicety: a failure to write it fails nothing
-                save_embedding(storage, job_id, embedding, [position[i] for i in ids])
-            except (OSError, ValueError):
+                save_embedding(store, job_id, embedding, [position[i] for i in ids])
+            except (OSError, ValueError, StorageError):
                 logger.warning(
                     "could not store the 2-D map", extra={"job_id": job_id}, exc_info=True
                 )
@@ -191,9 +201,6 @@ def save_results(
             job.num_clusters = int(k_selection["chosen"])
             job.cluster_counts = [int(r.num_clusters) for r in result.results]
             job.config = {**job.config, "num_clusters": job.num_clusters}
-        if result.model_path:
-            try:
-                job.model_path = storage.relpath(Path(result.model_path))
-            except ValueError:
-                job.model_path = str(result.model_path)
+        if publish is not None:  # last: every object is written before the commit
+            job.model_path = publish(result.model_path or None)
         return job.status

@@ -1,20 +1,23 @@
 """Run one clustering job: the single job function the embedded worker and the Celery task call.
 
-`run_job(job_id)` claims the job (app.runner.claim: takes its lease, reads its images), builds
-the config with make_config, loads the stored images (the scratch route: all of them as pixels,
-scan_engine.data.load_files; the pretrained route: a list of files, scan_engine.sources, that the
-engine streams through the backbone, its features cached per dataset), runs
-scan_engine.pipeline.run in DATA_DIR/jobs/<id>/work (a rerun resumes from the checkpoints
-there) with the callbacks of app.runner.engine_callbacks, and stores the results
-(app.runner.results). A heartbeat thread renews the lease; every write is conditional on still
-holding it. Idempotent: a finished job is left alone and a job running under another worker's
-live lease is not touched, so a redelivered task is harmless.
+`run_job(job_id)` claims the job (app.runner.claim: takes its lease, reads its images' keys),
+builds the config with make_config, gets the job's files ready (app.runner.job_files: on the
+local store the folders are the store; on S3 a scratch folder with the images, checkpoints and
+feature cache fetched from the store), loads the images (the scratch route: all of them as
+pixels, scan_engine.data.load_files; the pretrained route: a list of files, scan_engine.sources,
+that the engine streams through the backbone, its features cached per dataset), runs
+scan_engine.pipeline.run in the job's work folder (a rerun resumes from the checkpoints there)
+with the callbacks of app.runner.engine_callbacks, and stores the results (app.runner.results:
+every object written before the job is marked succeeded). A heartbeat thread renews the lease;
+every write is conditional on still holding it. Idempotent: a finished job is left alone and a
+job running under another worker's live lease is not touched, so a redelivered task is harmless.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
@@ -26,9 +29,10 @@ from app.db.models import Job, JobStatus
 from app.db.session import get_sessionmaker
 from app.runner.claim import ClaimedJob, claim_job, finish_job, requeue_after_shutdown
 from app.runner.engine_callbacks import ProgressWriter, StopFlag
+from app.runner.job_files import JobFiles
 from app.runner.leases import Heartbeat, new_holder
 from app.runner.results import save_results
-from app.storage import Storage
+from app.storage import StorageUnavailable, object_store
 from scan_engine.results import StopRequested
 
 if TYPE_CHECKING:
@@ -39,17 +43,21 @@ __all__ = ["run_job", "job_config"]
 logger = logging.getLogger(__name__)
 
 
-def job_config(claimed: ClaimedJob, settings: Settings) -> ScanConfig:
+def job_config(
+    claimed: ClaimedJob, settings: Settings, features_dir: Path | None = None
+) -> ScanConfig:
     """The claimed job's engine config: as stored, plus this machine's folders on the
-    pretrained route (MODELS_DIR; the dataset's feature cache, shared by all its jobs)."""
+    pretrained route (MODELS_DIR; the dataset's feature cache, shared by all its jobs:
+    `features_dir`, by default the one under DATA_DIR)."""
     from scan_engine.config import make_config
 
     route: dict[str, Any] = {}
     if claimed.backbone is not None:
+        cache = features_dir or feature_cache_dir(settings, claimed.dataset_id)
         route = {
             "pretrained_backbone": claimed.backbone,
             "models_dir": str(settings.MODELS_DIR),
-            "feature_cache_dir": str(feature_cache_dir(settings, claimed.dataset_id)),
+            "feature_cache_dir": str(cache),
         }
     return make_config(
         claimed.preset,
@@ -60,16 +68,14 @@ def job_config(claimed: ClaimedJob, settings: Settings) -> ScanConfig:
     )
 
 
-def _collection(claimed: ClaimedJob, config: ScanConfig, storage: Storage) -> Any:
+def _collection(claimed: ClaimedJob, config: ScanConfig, files: JobFiles) -> Any:
     """The pretrained route: ImageSources (files listed, decoded while streaming); the scratch
     route: an ImageCollection of every image as pixels at the config's size."""
     from scan_engine.data import load_files
     from scan_engine.sources import ImageSources
 
-    entries = [
-        (image_id, storage.abspath(path))
-        for image_id, path in zip(claimed.image_ids, claimed.stored_paths, strict=True)
-    ]
+    paths = files.image_paths(claimed.stored_paths)
+    entries = list(zip(claimed.image_ids, paths, strict=True))
     if config.pretrained_backbone is not None:
         return ImageSources.from_files(
             entries, labels=claimed.labels, class_names=claimed.class_names
@@ -93,7 +99,7 @@ def _run_pipeline(
     claimed: ClaimedJob,
     factory: sessionmaker[Session],
     settings: Settings,
-    storage: Storage,
+    files: JobFiles,
     stop: StopFlag,
     holder: str | None = None,
 ) -> str:
@@ -101,18 +107,16 @@ def _run_pipeline(
     # Imported here: the engine (and torch) load only in processes that run jobs.
     from scan_engine import pipeline  # type: ignore[attr-defined,unused-ignore]
 
-    config = job_config(claimed, settings)
-    collection = _collection(claimed, config, storage)
-
-    work_dir = storage.abspath(claimed.work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    config = job_config(claimed, settings, files.feature_cache_dir)
+    files.prepare()
+    collection = _collection(claimed, config, files)
     writer = ProgressWriter(claimed.job_id, factory, settings.PROGRESS_INTERVAL_S, holder)
     try:
         result = pipeline.run(
             collection,
             config,
-            work_dir,
-            progress=writer,
+            files.work_dir,
+            progress=files.with_checkpoints(writer),
             should_stop=stop,
             device=settings.JOB_DEVICE or None,
         )
@@ -120,7 +124,15 @@ def _run_pipeline(
         close = getattr(collection, "close", None)  # ImageSources hold files open, pixels not
         if callable(close):
             close()
-    return save_results(factory, claimed.job_id, list(collection.ids), result, storage, holder)
+    return save_results(
+        factory,
+        claimed.job_id,
+        list(collection.ids),
+        result,
+        files.store,
+        holder,
+        publish=files.publish,
+    )
 
 
 def run_job(job_id: str, *, shutdown: threading.Event | None = None) -> str | None:
@@ -133,7 +145,6 @@ def run_job(job_id: str, *, shutdown: threading.Event | None = None) -> str | No
     status returned.
     """
     settings = get_settings()
-    storage = Storage(settings.DATA_DIR)
     factory = get_sessionmaker()
     holder = new_holder()
     claimed = claim_job(job_id, factory, settings, holder)
@@ -147,8 +158,9 @@ def run_job(job_id: str, *, shutdown: threading.Event | None = None) -> str | No
     stop = StopFlag(
         job_id, factory, settings.CANCEL_CHECK_INTERVAL_S, shutdown, lease_lost=heartbeat.lost
     )
+    files = JobFiles(object_store(settings), settings, job_id, claimed.dataset_id)
     try:
-        status = _run_pipeline(claimed, factory, settings, storage, stop, holder)
+        status = _run_pipeline(claimed, factory, settings, files, stop, holder)
     except StopRequested:
         if heartbeat.lost.is_set():
             logger.warning("job lease lost; left to its new holder", extra={"job_id": job_id})
@@ -161,11 +173,21 @@ def run_job(job_id: str, *, shutdown: threading.Event | None = None) -> str | No
         finish_job(factory, job_id, JobStatus.CANCELLED, holder=holder)
         logger.info("job cancelled", extra={"job_id": job_id})
         return JobStatus.CANCELLED
+    except StorageUnavailable as error:
+        logger.exception("job failed: the object store is unavailable", extra={"job_id": job_id})
+        message = (
+            f"StorageUnavailable: the object store could not be reached ({error}); nothing was "
+            "marked as a result. Run the job again once the store is back: it resumes from its "
+            "last stored checkpoint"
+        )
+        finish_job(factory, job_id, JobStatus.FAILED, message, holder)
+        return JobStatus.FAILED
     except Exception as error:
         logger.exception("job failed", extra={"job_id": job_id})
         finish_job(factory, job_id, JobStatus.FAILED, f"{type(error).__name__}: {error}", holder)
         return JobStatus.FAILED
     finally:
         heartbeat.stop()
+        files.close()
     logger.info("job finished", extra={"job_id": job_id, "status": status})
     return status

@@ -103,6 +103,23 @@ class FilesystemObjectStore(ObjectStore):
                 written += len(chunk)
         return written
 
+    def put_folder(self, folder: Path, prefix: str, threads: int = 1) -> int:
+        """One rename when `folder` is on the store's filesystem and nothing is stored under
+        `prefix` yet (an upload's temp folder under DATA_DIR/tmp), else file by file."""
+        count = len(self.folder_keys(folder, prefix))
+        self._require_root()
+        folder = Path(folder)
+        target = self.root / prefix.removesuffix("/")
+        try:
+            same_disk = folder.stat().st_dev == self.root.stat().st_dev
+            if same_disk and not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(folder, target)
+                return count
+        except OSError as error:
+            raise StorageUnavailable(f"could not store {prefix!r}: {error.strerror}") from error
+        return super().put_folder(folder, prefix, threads)
+
     # -- reads --------------------------------------------------------------------------------
 
     def get_bytes(self, key: str) -> bytes:
@@ -149,7 +166,8 @@ class FilesystemObjectStore(ObjectStore):
                 key = path.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
                     try:
-                        found.append(ObjectInfo(key, path.stat().st_size))
+                        stat = path.stat()
+                        found.append(ObjectInfo(key, stat.st_size, stat.st_mtime))
                     except FileNotFoundError:
                         continue  # deleted while listing
         yield from sorted(found, key=lambda info: info.key)

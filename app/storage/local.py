@@ -4,8 +4,9 @@ Rows store paths relative to the root; those relative paths are also the object 
 app.storage.objects, so the filesystem store (app.storage.filesystem) reads the same files.
 
 Layout: datasets/<id>/images/<position><ext>, datasets/<id>/thumbs/<position>.jpg,
-jobs/<id>/work (pipeline checkpoints, features), tmp/ (uploads in flight; same filesystem so a
-finished upload moves into place with one rename), models/ (local backbone weights).
+jobs/<id>/work (pipeline checkpoints, features), tmp/ (uploads in flight; same filesystem so the
+local object store moves a finished upload into place with one rename), scratch/ (a worker's
+copies of objects from an S3 store), models/ (local backbone weights).
 
 An upload in flight holds an advisory lock (flock) on tmp/<folder>/.lock. The kernel drops it
 when the process dies, however it dies, so a restarted API can tell a half upload left by a
@@ -16,13 +17,13 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
 import shutil
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from app.storage.objects import StoragePathError
 
@@ -62,6 +63,11 @@ class Storage:
     def job_work_dir(job_id: str) -> str:
         return f"jobs/{job_id}/work"
 
+    @staticmethod
+    def model_copy_dir(job_id: str) -> str:
+        """Where this host keeps its copy of a job's model fetched from S3 for prediction."""
+        return f"scratch/models/{job_id}"
+
     @property
     def models_dir(self) -> Path:
         return self.root / "models"
@@ -100,6 +106,30 @@ class Storage:
             # Just created and not locked yet by its owner: leave it a moment.
             return time.time() - lock.stat().st_mtime > grace_s
 
+    @staticmethod
+    def lock_folder(path: Path) -> BinaryIO:
+        """Make `path` and hold its lock until the returned handle is closed or the process
+        dies (a worker's scratch folder: `remove_abandoned` tells the dead ones)."""
+        path.mkdir(parents=True, exist_ok=True)
+        handle = (path / _LOCK_NAME).open("wb")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return handle
+
+    def remove_abandoned(self, parent: Path, grace_s: float = 2.0) -> int:
+        """Remove the folders under `parent` whose lock is free (the process holding it died,
+        however it died); how many. Locked folders and folders without a lock stay."""
+        removed = 0
+        for path in Path(parent).glob("*"):
+            try:
+                if self._abandoned(path, grace_s):
+                    self.remove(path)
+                    removed += 1
+            except OSError:
+                continue
+        if removed:
+            logger.info("removed %d abandoned scratch folders under %s", removed, parent)
+        return removed
+
     def clean_stale_temp(self, max_age_s: float, grace_s: float = 2.0) -> int:
         """Remove temp folders left by a crash; how many were removed.
 
@@ -119,14 +149,6 @@ class Storage:
         if removed:
             logger.info("removed %d abandoned upload folders", removed)
         return removed
-
-    def move_into_place(self, source: Path, relative: str) -> Path:
-        """Rename a finished temp folder to its final relative place (atomic on one filesystem)."""
-        target = self.abspath(relative)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        (Path(source) / _LOCK_NAME).unlink(missing_ok=True)  # the lock stays held on its inode
-        os.replace(source, target)
-        return target
 
     def remove(self, path: Path | str) -> None:
         """Delete a file or folder (absolute, or relative to root); missing is fine."""

@@ -11,12 +11,15 @@ a temp file renamed into place; S3: one PUT, or a multipart upload completed onl
 
 from __future__ import annotations
 
+import logging
+import mimetypes
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 __all__ = [
     "ObjectInfo",
@@ -29,8 +32,14 @@ __all__ = [
     "check_prefix",
 ]
 
+logger = logging.getLogger(__name__)
+_Item = TypeVar("_Item")
+
 # S3's own limit on a key, in UTF-8 bytes.
 MAX_KEY_BYTES = 1024
+# Parallel requests of one folder transfer: S3 answers each small object in a round trip, so a
+# few in flight hide the latency; more only queue on the store.
+TRANSFER_THREADS = 16
 
 
 class StorageError(Exception):
@@ -59,6 +68,7 @@ class ObjectInfo:
 
     key: str
     size: int
+    modified: float | None = None  # seconds since the epoch, as the store reports it
 
 
 def check_key(key: str) -> str:
@@ -105,6 +115,40 @@ class ObjectStore(ABC):
         """Store the file at `path`; its size."""
         with Path(path).open("rb") as stream:
             return self.put_stream(key, stream, content_type)
+
+    def put_folder(self, folder: Path, prefix: str, threads: int = TRANSFER_THREADS) -> int:
+        """Store every file under `folder` as `prefix` + its relative path; how many.
+
+        All or nothing: on an error the objects written so far are deleted again (as far as the
+        store still answers; what it refuses is logged) and the error is raised. `folder` may be
+        consumed (the local store renames it into place).
+        """
+        pairs = self.folder_keys(folder, prefix)
+        try:
+            _in_parallel(
+                lambda pair: self.put_file(pair[0], pair[1], mimetypes.guess_type(pair[1].name)[0]),
+                pairs,
+                threads,
+            )
+        except BaseException:
+            try:
+                self.delete_prefix(prefix)
+            except StorageError:
+                logger.warning("could not remove the partial upload %s", prefix, exc_info=True)
+            raise
+        return len(pairs)
+
+    @staticmethod
+    def folder_keys(folder: Path, prefix: str) -> list[tuple[str, Path]]:
+        """(key, file) for every file under `folder`; StoragePathError before anything is
+        written when one of them would not make a plain key."""
+        check_prefix(prefix, folder=True)
+        files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+        return [(check_key(prefix + p.relative_to(folder).as_posix()), p) for p in files]
+
+    def get_files(self, pairs: Sequence[tuple[str, Path]], threads: int = TRANSFER_THREADS) -> None:
+        """Copy each (key, local path) object to its path, several at a time."""
+        _in_parallel(lambda pair: self.get_file(pair[0], pair[1]), pairs, threads)
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes:
@@ -163,3 +207,20 @@ class ObjectStore(ABC):
     @abstractmethod
     def check(self, timeout_s: float) -> None:
         """Raise StorageUnavailable unless the store answers (readiness)."""
+
+
+def _in_parallel(action: Callable[[_Item], object], items: Sequence[_Item], threads: int) -> None:
+    """Run `action(item)` for every item on up to `threads` threads; the first error cancels
+    the items not started yet and is raised once the running ones end."""
+    if threads <= 1 or len(items) <= 1:
+        for item in items:
+            action(item)
+        return
+    with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
+        futures = [pool.submit(action, item) for item in items]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for future in futures:
+            future.cancel()  # no-op for those done or running
+        for future in futures:
+            if not future.cancelled() and (error := future.exception()) is not None:
+                raise error

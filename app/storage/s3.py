@@ -17,6 +17,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, BinaryIO
 
 from app.storage.objects import (
+    TRANSFER_THREADS,
     ObjectInfo,
     ObjectStore,
     StorageKeyMissing,
@@ -109,6 +110,8 @@ class S3ObjectStore(ObjectStore):
             read_timeout=timeout_s or self._timeout_s,
             retries={"max_attempts": 1 if timeout_s else self._max_attempts, "mode": "standard"},
             signature_version="s3v4",
+            # One connection per thread of a folder transfer (the default pool holds 10).
+            max_pool_connections=TRANSFER_THREADS + 4,
             # A custom endpoint (SeaweedFS, MinIO) rarely has wildcard DNS for bucket hosts.
             s3={"addressing_style": "path" if options["endpoint_url"] else "auto"},
         )
@@ -238,7 +241,10 @@ class S3ObjectStore(ObjectStore):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
                 for item in page.get("Contents", []):
                     key = item["Key"][len(self.prefix) :]
-                    yield ObjectInfo(key, int(item["Size"]))
+                    modified = item.get("LastModified")
+                    yield ObjectInfo(
+                        key, int(item["Size"]), modified.timestamp() if modified else None
+                    )
 
     # -- deletes ------------------------------------------------------------------------------
 
@@ -278,6 +284,28 @@ class S3ObjectStore(ObjectStore):
                 "get_object", Params=params, ExpiresIn=int(expires_s)
             )
         return url
+
+    def create_bucket(self) -> bool:
+        """Create the bucket unless it exists; whether it was created."""
+        from botocore.exceptions import ClientError
+
+        client = self._client()
+        try:
+            client.head_bucket(Bucket=self.bucket)
+            return False
+        except ClientError as error:
+            if str(error.response.get("Error", {}).get("Code", "")) not in _MISSING_CODES | {
+                "NoSuchBucket"
+            }:
+                raise self._error(error) from error
+        except Exception as error:
+            raise self._error(error) from error
+        with self._calling():
+            try:
+                client.create_bucket(Bucket=self.bucket)
+            except client.exceptions.BucketAlreadyOwnedByYou:
+                return False  # made meanwhile by another replica
+        return True
 
     def check(self, timeout_s: float) -> None:
         with self._calling():

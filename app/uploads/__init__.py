@@ -3,7 +3,7 @@
 - multipart: stream the multipart/form-data body to a file in a temp folder (size limit while
   receiving, sha256 on the way);
 - ingest: check the zip with scan_engine.archive's rules and the settings' limits, extract and
-  validate the images, record the dataset in one transaction and move its folder into place;
+  validate the images, write them to the object store, then record the dataset in one transaction;
 - errors: UploadError (HTTP status and message) and `printable` for names shown to clients.
 """
 

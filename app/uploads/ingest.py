@@ -4,9 +4,12 @@ The zip rules and limits are scan_engine.archive's (the settings' limits passed 
 `archive_limits`); what is left here is what only a stored dataset needs: each image's header
 checked against the service's pixel limits, the original kept byte for byte, a thumbnail, rows.
 
-Nothing half-written survives a failure: the zip and the extracted files go to a temp folder
-under DATA_DIR/tmp, the dataset and image rows are committed in one transaction, and only then
-is the folder renamed into place (rows are deleted again if that rename fails). Whole-upload
+Nothing half-written survives a failure: the zip is received and extracted in a temp folder
+under this host's DATA_DIR/tmp, the images and thumbnails are written to the object store under
+the new dataset's prefix (the local store: one rename of that folder into DATA_DIR/datasets/<id>),
+and only then are the dataset and image rows committed, in one transaction. A failure before the
+commit (the store going away, the storage limit, the same zip stored meanwhile) deletes the
+objects again, so no row ever names a missing object. Whole-upload
 problems (not a zip, zip bomb, no usable image, the owner's storage full) raise UploadError with
 an HTTP status and a message; problems with single entries (unsafe path, symlink, nested archive,
 not an image, corrupt, decompression bomb, too small) skip that entry with a reason.
@@ -19,14 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
 from app.db.models import Dataset, Owner, new_id
 from app.db.models import Image as ImageRow
-from app.storage import Storage
+from app.storage import ObjectStore, StorageError
 from app.uploads.errors import MAX_PATH_CHARS, UploadError, printable
 from scan_engine.archive import (
     ArchiveLimitError,
@@ -132,7 +135,7 @@ def _inspect_image(path: Path, settings: Settings) -> tuple[str, int, int]:
 def _extract(zip_path: Path, work: Path, settings: Settings) -> _Extraction:
     """Extract usable images to work/images and thumbnails to work/thumbs."""
     result = _Extraction()
-    (work / "images").mkdir()
+    (work / "images").mkdir(parents=True)
     (work / "thumbs").mkdir()
     try:
         archive = open_untrusted_zip(zip_path, archive_limits(settings))
@@ -240,14 +243,15 @@ def ingest_zip(
     name: str,
     labels_from_folders: bool,
     settings: Settings,
-    storage: Storage,
+    store: ObjectStore,
     session_factory: sessionmaker[Session],
     owner_id: str,
     content_sha256: str | None = None,
 ) -> Ingested:
     """Extract a received zip (inside the temp folder `work`) and record it for `owner_id`.
 
-    On success `work` has been moved to datasets/<id>; on failure the caller removes `work`.
+    The images and thumbnails are stored under `datasets/<id>/` in `store` before the rows are
+    committed; the caller removes `work` afterwards, whatever happened.
     A zip this owner already uploaded (same `content_sha256` and labels flag) is not stored
     twice: the existing dataset is returned with created=False.
     """
@@ -255,7 +259,8 @@ def ingest_zip(
         existing = find_duplicate(session_factory, owner_id, content_sha256, labels_from_folders)
         if existing is not None:
             return Ingested(existing, created=False)
-    extraction = _extract(zip_path, work, settings)
+    extracted = work / "dataset"  # images/ and thumbs/, stored as they are
+    extraction = _extract(zip_path, extracted, settings)
     zip_path.unlink(missing_ok=True)
     if not extraction.accepted:
         raise UploadError(422, _no_images_message(extraction))
@@ -267,7 +272,7 @@ def ingest_zip(
             logger.info("upload %s: images outside folders, no labels from folders", name)
 
     dataset_id = new_id()
-    base = storage.dataset_dir(dataset_id)
+    base = f"datasets/{dataset_id}"
     total_bytes = sum(a.size_bytes for a in extraction.accepted)
     image_rows = [
         {
@@ -286,6 +291,9 @@ def ingest_zip(
         }
         for a in extraction.accepted
     ]
+    # Refused before anything is written; checked again under the owner's lock below.
+    check_storage_room(session_factory, owner_id, settings, total_bytes)
+    store.put_folder(extracted, base + "/")  # all or nothing; StorageUnavailable -> 503
     try:
         with session_factory() as session, session.begin():
             # The owner's row lock serialises its concurrent uploads (PostgreSQL), so two of
@@ -314,6 +322,7 @@ def ingest_zip(
             session.execute(insert(ImageRow), image_rows)  # one executemany, not row by row
     except IntegrityError:
         # The same zip, uploaded twice at once: the other request stored it first.
+        _remove_objects(store, base)
         if content_sha256 is not None:
             existing = find_duplicate(
                 session_factory, owner_id, content_sha256, labels_from_folders
@@ -321,13 +330,8 @@ def ingest_zip(
             if existing is not None:
                 return Ingested(existing, created=False)
         raise
-    try:
-        storage.move_into_place(work, base)
     except BaseException:
-        logger.exception("could not move upload %s into place; removing its rows", dataset_id)
-        with session_factory() as session, session.begin():
-            session.execute(delete(ImageRow).where(ImageRow.dataset_id == dataset_id))
-            session.execute(delete(Dataset).where(Dataset.id == dataset_id))
+        _remove_objects(store, base)
         raise
     logger.info(
         "dataset stored",
@@ -339,3 +343,12 @@ def ingest_zip(
         },
     )
     return Ingested(dataset_id, created=True)
+
+
+def _remove_objects(store: ObjectStore, base: str) -> None:
+    """Delete the objects of a dataset whose rows were not committed (best effort: a store
+    that went away leaves them, logged; no row names them)."""
+    try:
+        store.delete_prefix(base + "/")
+    except StorageError:
+        logger.warning("could not remove the objects of %s", base, exc_info=True)

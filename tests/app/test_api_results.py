@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,7 +54,7 @@ def finished_job(client: TestClient, dataset: dict[str, Any], make_job: Any) -> 
     from app.core.config import get_settings
     from app.db.session import get_sessionmaker
     from app.runner.results import save_results
-    from app.storage import Storage
+    from app.storage import object_store
     from scan_engine.results import PipelineResult
 
     job_id = make_job(dataset["id"], status="running", num_clusters=3)
@@ -69,7 +70,7 @@ def finished_job(client: TestClient, dataset: dict[str, Any], make_job: Any) -> 
         report={},
         embedding_2d=np.arange(2 * len(ids), dtype=np.float32).reshape(-1, 2),  # (N, 2)
     )
-    status = save_results(get_sessionmaker(), job_id, ids, result, Storage(get_settings().DATA_DIR))
+    status = save_results(get_sessionmaker(), job_id, ids, result, object_store(get_settings()))
     assert status == "succeeded"
     return {"id": job_id, "ids": ids, "dataset": dataset}
 
@@ -91,7 +92,7 @@ def test_the_route_the_engine_reports_is_kept_with_the_job(
     from app.core.config import get_settings
     from app.db.session import get_sessionmaker
     from app.runner.results import save_results
-    from app.storage import Storage
+    from app.storage import object_store
     from scan_engine.results import PipelineResult
 
     job_id = make_job(
@@ -112,7 +113,7 @@ def test_the_route_the_engine_reports_is_kept_with_the_job(
         "timings_s": {"mine": 0.1},  # the rest of the report stays in report.json
     }
     result = PipelineResult([_clustering(3, len(ids))], {}, {}, {}, [], report)
-    save_results(get_sessionmaker(), job_id, ids, result, Storage(get_settings().DATA_DIR))
+    save_results(get_sessionmaker(), job_id, ids, result, object_store(get_settings()))
     job = client.get(f"{JOBS}/{job_id}").json()
     assert job["run_report"] == {
         "route": "pretrained",
@@ -133,9 +134,9 @@ def test_the_route_the_engine_reports_is_kept_with_the_job(
 def test_the_2d_map_is_stored_in_image_position_order(finished_job: dict[str, Any]) -> None:
     from app.core.config import get_settings
     from app.maps import load_embedding
-    from app.storage import Storage
+    from app.storage import object_store
 
-    stored = load_embedding(Storage(get_settings().DATA_DIR), finished_job["id"])
+    stored = load_embedding(object_store(get_settings()), finished_job["id"])
     assert stored is not None and stored.shape == (36, 2)
     # Engine row i is the image at position 35 - i (the fixture reversed the upload order).
     assert stored[35].tolist() == [0.0, 1.0] and stored[0].tolist() == [70.0, 71.0]
@@ -221,7 +222,7 @@ def test_prototype_in_an_odd_format_is_served_as_png(client: TestClient, make_jo
     from app.core.config import get_settings
     from app.db.session import get_sessionmaker
     from app.runner.results import save_results
-    from app.storage import Storage
+    from app.storage import object_store
     from scan_engine.results import PipelineResult
 
     buffer = io.BytesIO()
@@ -232,9 +233,28 @@ def test_prototype_in_an_odd_format_is_served_as_png(client: TestClient, make_jo
     ids = [i["id"] for i in client.get(f"/api/v1/datasets/{dataset['id']}/images").json()["items"]]
     job_id = make_job(dataset["id"], status="running", num_clusters=2)
     result = PipelineResult([_clustering(2, 2)], {}, {}, {}, [], {})
-    save_results(get_sessionmaker(), job_id, ids, result, Storage(get_settings().DATA_DIR))
+    save_results(get_sessionmaker(), job_id, ids, result, object_store(get_settings()))
     response = client.get(f"{JOBS}/{job_id}/clusters/0/prototype")
     assert response.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(response.content)).format == "PNG"
     original = client.get(f"/api/v1/datasets/{dataset['id']}/images/{ids[0]}")
     assert original.headers["content-type"] == "image/bmp"  # originals are served as uploaded
+
+
+def test_deleting_a_job_removes_its_results_and_files(
+    client: TestClient, finished_job: dict[str, Any], make_job: Any, data_dir: Path
+) -> None:
+    job_id = finished_job["id"]
+    job_folder = data_dir / "jobs" / job_id
+    assert (job_folder / "embedding_2d.npy").is_file()
+    running = make_job(finished_job["dataset"]["id"], status="running")
+    refused = client.delete(f"{JOBS}/{running}")
+    assert refused.status_code == 409 and "cancel it" in refused.json()["detail"]
+
+    assert client.delete(f"{JOBS}/{job_id}").status_code == 204
+    assert client.get(f"{JOBS}/{job_id}").status_code == 404
+    assert client.get(f"{JOBS}/{job_id}/assignments").status_code == 404
+    assert not job_folder.exists()
+    dataset = client.get(f"/api/v1/datasets/{finished_job['dataset']['id']}")
+    assert dataset.status_code == 200  # the dataset stays
+    assert client.delete(f"{JOBS}/{job_id}").status_code == 404

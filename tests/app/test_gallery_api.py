@@ -20,7 +20,7 @@ def finished_job(client: TestClient, dataset: dict[str, Any], make_job: Any) -> 
     from app.db.session import get_sessionmaker
     from app.maps import save_embedding
     from app.runner.results import save_results
-    from app.storage import Storage
+    from app.storage import object_store
     from scan_engine.results import ClusteringResult, ClusterSummary, PipelineResult
 
     job_id = make_job(dataset["id"], status="running", num_clusters=3)
@@ -48,7 +48,7 @@ def finished_job(client: TestClient, dataset: dict[str, Any], make_job: Any) -> 
         report={},
         embedding_2d=embedding,
     )
-    storage = Storage(get_settings().DATA_DIR)
+    storage = object_store(get_settings())
     assert save_results(get_sessionmaker(), job_id, ids, result, storage) == "succeeded"
     save_embedding(storage, job_id, embedding, positions)
     truth = {
@@ -112,7 +112,7 @@ def test_map_missing_or_mismatched_is_a_404(
 ) -> None:
     from app.maps import embedding_relpath
 
-    path = finished_job["storage"].abspath(embedding_relpath(finished_job["id"]))
+    path = finished_job["storage"].path_of(embedding_relpath(finished_job["id"]))
     np.save(path, np.zeros((5, 2), dtype=np.float32))
     response = client.get(f"{JOBS}/{finished_job['id']}/map")
     assert response.status_code == 404 and "does not match" in response.json()["detail"]

@@ -205,3 +205,49 @@ def test_0003_adds_the_backbone_null_on_existing_jobs_and_downgrades(database_ur
     with engine.connect() as connection:
         assert connection.execute(text("SELECT id FROM jobs")).scalar() == "j1"  # kept
     dispose_engines()
+
+
+def test_0005_turns_absolute_model_paths_into_keys(database_url: str) -> None:
+    from sqlalchemy import text
+
+    from app.db.migrate import upgrade_to_head
+    from app.db.session import dispose_engines, get_engine
+
+    upgrade_to_head(database_url, revision="0004")
+    engine = get_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO datasets (id, owner_id, name, created_at, storage_path, image_count, "
+                "total_bytes, has_labels, skipped, skipped_count, labels_from_folders) VALUES "
+                "('d1', 'local', 'old', '2026-01-01', 'datasets/d1', 1, 10, false, '[]', 0, "
+                "false)"
+            )
+        )
+        for job_id, model_path in (
+            ("j1", "/srv/scan/data/jobs/j1/work/model.pt"),  # absolute, inside the job
+            ("j2", "jobs/j2/work/model.pt"),  # already a key
+            ("j3", "/tmp/elsewhere/model.pt"),  # no file of the job: unusable
+            ("j4", None),
+        ):
+            connection.execute(
+                text(
+                    "INSERT INTO jobs (id, owner_id, dataset_id, status, cancel_requested, "
+                    "num_clusters, cluster_counts, preset, overrides, config, progress, "
+                    "attempts, timings, notes, created_at, updated_at, model_path) VALUES "
+                    "(:id, 'local', 'd1', 'succeeded', false, 2, '[2]', 'cpu', '{}', '{}', 1.0, "
+                    "1, '{}', '[]', '2026-01-01', '2026-01-01', :path)"
+                ),
+                {"id": job_id, "path": model_path},
+            )
+    upgrade_to_head(database_url)
+    with engine.connect() as connection:
+        rows = dict(connection.execute(text("SELECT id, model_path FROM jobs")).all())
+    assert rows == {
+        "j1": "jobs/j1/work/model.pt",
+        "j2": "jobs/j2/work/model.pt",
+        "j3": None,
+        "j4": None,
+    }
+    assert _differences(database_url) == []
+    dispose_engines()

@@ -126,6 +126,8 @@ def test_list_by_prefix(store: Any) -> None:
     everything = [i.key for i in store.list()]
     assert everything == sorted(everything)
     assert {"a/1", "a/2/x", "ab/3", "b/4"} <= set(everything)
+    for info in store.list("a/"):  # when it was written, as the store's clock has it
+        assert info.modified is not None and abs(info.modified - time.time()) < 120
 
 
 def test_delete_one_key_and_a_folder(store: Any) -> None:
@@ -192,6 +194,38 @@ def test_a_broken_upload_leaves_nothing_half_written(
         assert pending.get("Uploads", []) == []  # the parts were aborted
     else:
         assert not list((Path(store_env["DATA_DIR"]) / "tmp").iterdir())
+
+
+def _folder(root: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def test_a_folder_goes_up_whole_and_comes_back(
+    store: Any, store_env: dict[str, str], tmp_path: Path
+) -> None:
+    files = {f"images/{i:06d}.png": _payload(300 + i, seed=i) for i in range(20)}
+    files["thumbs/000000.jpg"] = b"thumb"
+    # Under DATA_DIR/tmp, as an upload's folder is: the local store renames it into place.
+    folder = _folder(Path(store_env["DATA_DIR"]) / "tmp" / "upload-1" / "dataset", files)
+    assert store.put_folder(folder, "datasets/d9/") == 21
+    stored = {info.key: info.size for info in store.list("datasets/d9/")}
+    assert stored == {f"datasets/d9/{name}": len(data) for name, data in files.items()}
+    back = tmp_path / "back"
+    store.get_files([(f"datasets/d9/{name}", back / name) for name in files])
+    assert {name: (back / name).read_bytes() for name in files} == files
+
+
+def test_a_folder_upload_that_fails_leaves_no_object(store: Any, tmp_path: Path) -> None:
+    from app.storage import StoragePathError
+
+    folder = _folder(tmp_path / "upload", {f"images/{i}.png": b"x" * 10 for i in range(30)})
+    (folder / "images" / "15.png").rename(folder / "images" / "back\\slash.png")  # no key
+    with pytest.raises(StoragePathError):
+        store.put_folder(folder, "datasets/d10/", threads=4)
+    assert list(store.list("datasets/d10/")) == []
 
 
 def test_presigned_urls(store: Any) -> None:

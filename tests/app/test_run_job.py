@@ -165,14 +165,15 @@ def test_pretrained_route_streams_files_with_the_datasets_feature_cache(
     from app.core.config import get_settings
     from app.db.session import get_sessionmaker
     from app.runner.claim import claim_job
+    from app.runner.job_files import JobFiles
     from app.runner.run import _collection, job_config
-    from app.storage import Storage
+    from app.storage import object_store
     from scan_engine.config import make_config
     from scan_engine.data import ImageCollection
     from scan_engine.sources import ImageSources
 
     settings = get_settings()
-    storage = Storage(settings.DATA_DIR)
+    store = object_store(settings)
     pretrained = make_job(
         dataset["id"],
         preset="pretrained",
@@ -185,15 +186,17 @@ def test_pretrained_route_streams_files_with_the_datasets_feature_cache(
     assert config.pretrained_backbone == "efficientnet_lite0" and config.image_size == 224
     assert config.models_dir == str(data_dir / "models")
     assert config.feature_cache_dir == str(data_dir / "features" / dataset["id"])
-    sources = _collection(claimed, config, storage)
+    sources = _collection(claimed, config, JobFiles(store, settings, pretrained, dataset["id"]))
     assert isinstance(sources, ImageSources) and len(sources) == 36
     assert sources.ids == claimed.image_ids and sources.class_names == dataset["class_names"]
     assert isinstance(sources.read(0), Path)  # a file to decode while streaming, not pixels
 
-    scratch = claim_job(make_job(dataset["id"]), get_sessionmaker(), settings, "test:1:b")
+    scratch_id = make_job(dataset["id"])
+    scratch = claim_job(scratch_id, get_sessionmaker(), settings, "test:1:b")
     assert scratch is not None and scratch.backbone is None
     scratch_config = job_config(scratch, settings)
     assert scratch_config.pretrained_backbone is None and scratch_config.models_dir is None
-    collection = _collection(scratch, scratch_config, storage)
+    files = JobFiles(store, settings, scratch_id, dataset["id"])
+    collection = _collection(scratch, scratch_config, files)
     assert isinstance(collection, ImageCollection)
     assert tuple(collection.images.shape) == (36, 3, 32, 32)

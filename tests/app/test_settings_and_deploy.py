@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def test_compose_services_and_variables_match_the_settings() -> None:
 
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"api", "worker", "postgres", "redis"}
+    assert set(services) == {"api", "worker", "postgres", "redis", "objectstore"}
     for name in services:
         assert "healthcheck" in services[name], name
     known = set(Settings.model_fields)
@@ -109,8 +110,27 @@ def test_compose_services_and_variables_match_the_settings() -> None:
         settings = Settings(**{key: str(value) for key, value in env.items()})
         assert settings.JOB_RUNNER == "celery" and settings.DATABASE_URL.startswith("postgresql")
         assert settings.CELERY_BROKER_URL.startswith("redis://redis:")
-        assert "scan-data:/data" in services[name]["volumes"]
         assert env["DATA_DIR"] == "/data"
+        # The object store is all they share: their own /data, the store's endpoint and keys.
+        assert settings.STORAGE_BACKEND == "s3" and settings.S3_BUCKET == "scan"
+        assert settings.S3_ENDPOINT_URL == "http://objectstore:8333"
+        assert settings.S3_PUBLIC_ENDPOINT_URL.startswith("http://localhost:")
+    api_volume, worker_volume = services["api"]["volumes"][0], services["worker"]["volumes"][0]
+    assert api_volume.endswith(":/data") and worker_volume.endswith(":/data")
+    assert api_volume.split(":")[0] != worker_volume.split(":")[0]
+    assert services["api"]["environment"]["S3_CREATE_BUCKET"] == "true"
+    for name in ("api", "worker"):
+        assert services[name]["depends_on"]["objectstore"]["condition"] == "service_healthy"
+    store = services["objectstore"]
+    assert "-s3" in store["command"] and "objectstore-data:/data" in store["volumes"]
+    identities = json.loads(compose["configs"]["objectstore-identities"]["content"])
+    credentials = identities["identities"][0]["credentials"][0]
+    env = services["api"]["environment"]
+    assert credentials == {
+        "accessKey": env["S3_ACCESS_KEY_ID"],
+        "secretKey": env["S3_SECRET_ACCESS_KEY"],
+    }
+    assert store["ports"] == ["8333:8333"] and env["S3_PUBLIC_ENDPOINT_URL"].endswith(":8333")
     assert "postgres:5432" in services["api"]["environment"]["DATABASE_URL"]
     assert (
         services["api"]["environment"]["DATABASE_URL"]
@@ -129,7 +149,13 @@ def test_compose_services_and_variables_match_the_settings() -> None:
     grace_s = int(worker["stop_grace_period"].rstrip("s"))
     assert grace_s > float(worker["environment"]["CELERY_SOFT_SHUTDOWN_TIMEOUT_S"])
     assert services["api"]["command"] == ["scan-service"]
-    assert set(compose["volumes"]) == {"postgres-data", "redis-data", "scan-data"}
+    assert set(compose["volumes"]) == {
+        "postgres-data",
+        "redis-data",
+        "objectstore-data",
+        "api-data",
+        "worker-scratch",
+    }
 
 
 def _dockerfile_instructions(text: str) -> list[tuple[str, str]]:

@@ -84,6 +84,23 @@ def test_a_missing_bucket_is_not_ready(
     assert ready.status_code == 503 and ready.json()["storage"].startswith("unreachable")
 
 
+def test_the_api_creates_a_missing_bucket_when_told(
+    seaweedfs: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uuid
+
+    from app.main import create_app
+
+    bucket = f"made-at-start-{uuid.uuid4().hex[:8]}"
+    env = seaweedfs.settings_env() | {"DATA_DIR": str(tmp_path / "data"), "S3_BUCKET": bucket}
+    use_settings(monkeypatch, **env, S3_CREATE_BUCKET="true")
+    for _ in range(2):  # made by the first start, found by the second
+        with TestClient(create_app()) as client:
+            ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+    seaweedfs.client().head_bucket(Bucket=bucket)
+
+
 def test_an_endpoint_where_nothing_listens_is_not_ready(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

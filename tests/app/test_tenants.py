@@ -74,7 +74,7 @@ def _finish_with_results(job_id: str, image_ids: list[str]) -> None:
     from app.db.models import Job
     from app.db.session import get_sessionmaker, session_scope
     from app.runner.results import save_results
-    from app.storage import Storage
+    from app.storage import object_store
     from scan_engine.results import ClusteringResult, ClusterSummary, PipelineResult
 
     with session_scope() as session:
@@ -92,7 +92,7 @@ def _finish_with_results(job_id: str, image_ids: list[str]) -> None:
         report={},
         embedding_2d=np.zeros((n, 2), dtype=np.float32),
     )
-    storage = Storage(get_settings().DATA_DIR)
+    storage = object_store(get_settings())
     assert save_results(get_sessionmaker(), job_id, image_ids, result, storage) == "succeeded"
 
 

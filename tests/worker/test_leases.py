@@ -130,7 +130,7 @@ def test_a_worker_without_the_lease_writes_nothing(make_job: Any) -> None:
     from app.runner.claim import finish_job
     from app.runner.engine_callbacks import ProgressWriter
     from app.runner.results import save_results
-    from app.storage import Storage
+    from app.storage import object_store
     from scan_engine.results import PipelineResult, ProgressEvent
 
     job_id = make_job("running", **LIVE, stage="pretext", progress=0.1)
@@ -138,7 +138,7 @@ def test_a_worker_without_the_lease_writes_nothing(make_job: Any) -> None:
     ProgressWriter(job_id, factory, 0, holder="stale:1:z")(ProgressEvent("scan", 0.5, 0.9, 1.0))
     finish_job(factory, job_id, "failed", "boom", holder="stale:1:z")
     empty = PipelineResult([], {}, {}, {}, [], {}, embedding_2d=np.zeros((0, 2), np.float32))
-    storage = Storage(get_settings().DATA_DIR)
+    storage = object_store(get_settings())
     assert save_results(factory, job_id, [], empty, storage, holder="stale:1:z") == "running"
     row = _row(job_id)
     assert (row.status, row.stage, row.progress, row.error) == ("running", "pretext", 0.1, None)

@@ -11,14 +11,15 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
 
 from app import crud
-from app.api.deps import OwnerDep, SessionDep, SettingsDep, StorageDep
+from app.api.deps import ObjectStoreDep, OwnerDep, SessionDep, SettingsDep, StorageDep
 from app.api.images import image_response
 from app.api.owned import get_owned_dataset, valid_id
-from app.backbones import feature_cache_dir
+from app.backbones import FEATURES_DIR
 from app.db.models import Dataset
 from app.db.models import Image as ImageRow
 from app.db.session import get_sessionmaker
 from app.schemas import DatasetPublic, DatasetsPublic, ImagePublic, ImagesPublic, Message
+from app.storage import remove_prefixes
 from app.uploads import (
     UploadError,
     check_storage_room,
@@ -72,6 +73,7 @@ async def upload_dataset(
     response: Response,
     settings: SettingsDep,
     storage: StorageDep,
+    store: ObjectStoreDep,
     owner: OwnerDep,
 ) -> DatasetPublic:
     """Stream the zip to disk, extract the usable images, record them; report what was skipped.
@@ -102,7 +104,7 @@ async def upload_dataset(
                 name=printable(name, 255).strip() or "dataset",
                 labels_from_folders=labels,
                 settings=settings,
-                storage=storage,
+                store=store,
                 session_factory=factory,
                 owner_id=owner.id,
                 content_sha256=received.sha256,
@@ -145,7 +147,7 @@ def get_dataset(session: SessionDep, owner: OwnerDep, dataset_id: str) -> Datase
 def delete_dataset(
     session: SessionDep,
     owner: OwnerDep,
-    settings: SettingsDep,
+    store: ObjectStoreDep,
     storage: StorageDep,
     dataset_id: str,
 ) -> Response:
@@ -161,12 +163,12 @@ def delete_dataset(
             f"dataset {dataset_id} has {busy.active} queued or running jobs; cancel them or "
             "wait for them to finish, then delete it",
         ) from None
-    # Files after the commit: a failed removal leaves stray files (logged), never rows that
-    # point at missing files.
-    storage.remove(folder)
-    storage.remove(feature_cache_dir(settings, dataset.id))
-    for job_id in job_ids:
-        storage.remove(storage.job_dir(job_id))
+    # Objects after the commit: a failed removal leaves stray objects (logged), never rows that
+    # point at missing objects.
+    prefixes = [f"{folder}/", f"{FEATURES_DIR}/{dataset.id}/"]
+    remove_prefixes(store, prefixes + [f"jobs/{job_id}/" for job_id in job_ids])
+    for job_id in job_ids:  # this host's copies of their models for prediction (S3)
+        storage.remove(storage.model_copy_dir(job_id))
     logger.info("dataset deleted", extra={"dataset_id": dataset_id, "jobs": len(job_ids)})
     return Response(status_code=204)
 
@@ -213,15 +215,17 @@ def list_images(
 )
 def get_image(
     session: SessionDep,
-    storage: StorageDep,
+    store: ObjectStoreDep,
+    settings: SettingsDep,
     owner: OwnerDep,
     dataset_id: str,
     image_id: str,
     thumbnail: bool = Query(False, description="The JPEG thumbnail made at upload."),
 ) -> Response:
-    """The original image file as uploaded, or its square thumbnail."""
+    """The original image file as uploaded, or its square thumbnail (on S3: a 307 redirect to
+    a short-lived presigned URL of it)."""
     get_owned_dataset(session, owner, dataset_id)
     row = session.get(ImageRow, image_id) if valid_id(image_id) else None
     if row is None or row.dataset_id != dataset_id:
         raise HTTPException(404, f"image {image_id} not found in dataset {dataset_id}")
-    return image_response(row, storage, thumbnail=thumbnail)
+    return image_response(row, store, settings.PRESIGNED_URL_EXPIRES_S, thumbnail=thumbnail)

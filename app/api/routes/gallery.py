@@ -16,7 +16,7 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, Query
 
 from app import crud
-from app.api.deps import OwnerDep, SessionDep, StorageDep
+from app.api.deps import ObjectStoreDep, OwnerDep, SessionDep
 from app.api.owned import get_owned_result_set
 from app.maps import load_embedding
 from app.schemas import AssignmentsPublic, MapPublic, Message
@@ -57,7 +57,7 @@ def get_cluster_members(
 @router.get("/{job_id}/map", response_model=MapPublic, responses=_ERRORS)
 def get_map(
     session: SessionDep,
-    storage: StorageDep,
+    store: ObjectStoreDep,
     owner: OwnerDep,
     job_id: str,
     num_clusters: int | None = Query(None, description="C of the result set; default K."),
@@ -65,7 +65,7 @@ def get_map(
 ) -> MapPublic:
     """A uniform sample (the same on every request) of the 2-D projection of the final features."""
     result_set = get_owned_result_set(session, owner, job_id, num_clusters)
-    embedding = load_embedding(storage, job_id)  # (N, 2) float32, row p = image at position p
+    embedding = load_embedding(store, job_id)  # (N, 2) float32, row p = image at position p
     if embedding is None:
         raise HTTPException(404, f"job {job_id} has no stored 2-D map")
     total = crud.assignment_count(session, result_set.id)

@@ -9,13 +9,21 @@ from typing import Any, Literal
 from fastapi import APIRouter, HTTPException, Query, Response
 
 from app import crud
-from app.api.deps import DispatcherDep, OwnerDep, SessionDep, SettingsDep
+from app.api.deps import (
+    DispatcherDep,
+    ObjectStoreDep,
+    OwnerDep,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+)
 from app.api.owned import get_owned_dataset, get_owned_job, valid_id
 from app.backbones import BackboneChoiceError, check_backbone, preset_is_pretrained
 from app.core.config import Settings
 from app.db.models import Dataset, JobStatus
 from app.runner.dispatch import DispatchError
 from app.schemas import JobCreate, JobPublic, JobsPublic, Message
+from app.storage import remove_prefixes
 from scan_engine.config import (
     PRESETS,
     ConfigError,
@@ -202,6 +210,29 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS)
 def get_job(session: SessionDep, owner: OwnerDep, job_id: str) -> JobPublic:
     return crud.jobs_public(session, [get_owned_job(session, owner, job_id)])[0]
+
+
+@router.delete("/{job_id}", status_code=204, responses={**_ERRORS, 409: {"model": Message}})
+def delete_job(
+    session: SessionDep,
+    owner: OwnerDep,
+    store: ObjectStoreDep,
+    storage: StorageDep,
+    job_id: str,
+) -> Response:
+    """Delete a finished job with its results and its stored files (model, checkpoints, map).
+    409 while it is queued or running (cancel it first). The dataset stays."""
+    get_owned_job(session, owner, job_id)
+    try:
+        crud.delete_job(session, job_id)
+    except crud.JobInUse:
+        raise HTTPException(
+            409, f"job {job_id} is queued or running; cancel it or wait for it to finish"
+        ) from None
+    remove_prefixes(store, [f"jobs/{job_id}/"])  # after the commit, as for datasets
+    storage.remove(storage.model_copy_dir(job_id))  # this host's copy for prediction (S3)
+    logger.info("job deleted", extra={"job_id": job_id})
+    return Response(status_code=204)
 
 
 @router.post(

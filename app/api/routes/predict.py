@@ -1,7 +1,7 @@
 """/api/v1/jobs/{id}/predict and /merge: new images into a finished job's clusters, without
 retraining, and an overclustering merged down to fewer clusters.
 
-The job's model file (pipeline work folder, `model.pt`, see scan_engine.predict) holds the
+The job's model file (object `jobs/<id>/work/model.pt`, see scan_engine.predict) holds the
 backbone, the kept head per C, the preprocessing and the cluster geometry that flags outliers.
 A job without one (not succeeded, or its file is gone) answers 409.
 
@@ -13,9 +13,11 @@ or unusable entries skipped with their reasons.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import zipfile
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,13 +28,20 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
-from app.api.deps import OwnerDep, SessionDep, SettingsDep, StorageDep
+from app.api.deps import ObjectStoreDep, OwnerDep, SessionDep, SettingsDep
 from app.api.owned import get_owned_job
 from app.auth import CurrentOwner
 from app.core.config import Settings
 from app.db.models import Cluster, Job, JobStatus, ResultSet
 from app.schemas import Message, SkippedEntry
-from app.storage import Storage, StoragePathError
+from app.storage import (
+    FilesystemObjectStore,
+    ObjectStore,
+    Storage,
+    StorageKeyMissing,
+    StoragePathError,
+    check_key,
+)
 from app.uploads import archive_limits, printable, refusal
 
 if TYPE_CHECKING:
@@ -96,17 +105,40 @@ class MergePublic(BaseModel):
 
 
 @lru_cache(maxsize=4)
-def _cached_predictor(path: str, modified_ns: int) -> Predictor:
-    # Keyed by modification time too: a rerun of the job that rewrote the file is reloaded.
+def _cached_predictor(path: str, version: str) -> Predictor:
+    # Keyed by version too: a rerun of the job that rewrote the model is reloaded.
     from scan_engine.predict import load_model
 
     return load_model(path, device="cpu")
 
 
+def _model_file(store: ObjectStore, settings: Settings, job: Job, key: str) -> tuple[Path, str]:
+    """A local file of the job's model and its version: the stored file itself on the local
+    store; on S3 a copy fetched once into this host's DATA_DIR/scratch/models."""
+    if isinstance(store, FilesystemObjectStore):
+        path = store.path_of(key)
+        if not path.is_file():
+            raise StorageKeyMissing(key)
+        return path, str(path.stat().st_mtime_ns)
+    version = f"{job.finished_at:%Y%m%dT%H%M%S%f}" if job.finished_at else "0"
+    path = Storage(settings.DATA_DIR).abspath(Storage.model_copy_dir(job.id)) / f"{version}.pt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as part:
+            temporary = Path(part.name)
+        try:
+            store.get_file(key, temporary)
+            os.replace(temporary, path)  # concurrent requests never load half a file
+        finally:
+            temporary.unlink(missing_ok=True)
+    return path, version
+
+
 def _job_predictor(
-    session: Session, owner: CurrentOwner, storage: Storage, job_id: str
+    session: Session, owner: CurrentOwner, store: ObjectStore, settings: Settings, job_id: str
 ) -> Predictor:
-    """The owner's succeeded job's model; 404 for a foreign or unknown job, 409 without a model."""
+    """The owner's succeeded job's model; 404 for a foreign or unknown job, 409 without a model,
+    503 (StorageUnavailable) while the store is down."""
     job: Job = get_owned_job(session, owner, job_id)
     if job.status != JobStatus.SUCCEEDED:
         raise HTTPException(
@@ -119,15 +151,13 @@ def _job_predictor(
     if not job.model_path:
         raise HTTPException(409, missing)
     try:
-        path = storage.abspath(job.model_path)
-    except StoragePathError:
+        path, version = _model_file(store, settings, job, check_key(job.model_path))
+    except (StoragePathError, StorageKeyMissing):
         raise HTTPException(409, missing) from None
-    if not path.is_file():
-        raise HTTPException(409, missing)
     from scan_engine.predict import ModelFormatError
 
     try:
-        return _cached_predictor(str(path), path.stat().st_mtime_ns)
+        return _cached_predictor(str(path), version)
     except ModelFormatError as error:
         raise HTTPException(
             409, f"the stored model of job {job_id} cannot be used: {error}"
@@ -262,7 +292,7 @@ async def predict(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
-    storage: StorageDep,
+    store: ObjectStoreDep,
     owner: OwnerDep,
     job_id: str,
     num_clusters: int | None = Query(
@@ -275,7 +305,7 @@ async def predict(
     """Assign uploaded images (multipart: one or more `file` parts, each an image or a zip of
     images) to the job's clusters with its stored model: cluster, confidence, distance and an
     outlier flag per image. Nothing is stored; the job is not changed."""
-    predictor = _job_predictor(session, owner, storage, job_id)
+    predictor = _job_predictor(session, owner, store, settings, job_id)
     c = _cluster_count(predictor, job_id, num_clusters)
     _check_merge(c, merge_to)
     media_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
@@ -332,7 +362,8 @@ async def predict(
 @router.get("/{job_id}/merge", response_model=MergePublic, responses=_ERRORS)
 def merge(
     session: SessionDep,
-    storage: StorageDep,
+    store: ObjectStoreDep,
+    settings: SettingsDep,
     owner: OwnerDep,
     job_id: str,
     merge_to: int = Query(..., ge=1, description="How many clusters to merge down to."),
@@ -341,7 +372,7 @@ def merge(
     """Merge the job's clustering into C into `merge_to` clusters, joining first the clusters the
     model confuses most between images and their mined neighbours. Maps old to new clusters;
     apply `groups` to /assignments?num_clusters=C to get the merged assignments."""
-    predictor = _job_predictor(session, owner, storage, job_id)
+    predictor = _job_predictor(session, owner, store, settings, job_id)
     c = _cluster_count(predictor, job_id, num_clusters)
     _check_merge(c, merge_to)
     try:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, HTTPException, Query, Response
 from fastapi.responses import StreamingResponse
 
 from app import crud
-from app.api.deps import OwnerDep, SessionDep, SettingsDep, StorageDep
+from app.api.deps import ObjectStoreDep, OwnerDep, SessionDep, SettingsDep
 from app.api.images import image_response
 from app.api.owned import get_owned_result_set
 from app.db.models import Image as ImageRow
@@ -95,7 +95,8 @@ def get_clusters(
 )
 def get_prototype(
     session: SessionDep,
-    storage: StorageDep,
+    store: ObjectStoreDep,
+    settings: SettingsDep,
     owner: OwnerDep,
     job_id: str,
     cluster_index: int,
@@ -112,4 +113,6 @@ def get_prototype(
     row = session.get(ImageRow, cluster.prototype_image_id)
     if row is None:
         raise HTTPException(404, f"the prototype image of cluster {cluster_index} is gone")
-    return image_response(row, storage, thumbnail=thumbnail, png_or_jpeg=True)
+    return image_response(
+        row, store, settings.PRESIGNED_URL_EXPIRES_S, thumbnail=thumbnail, png_or_jpeg=True
+    )
