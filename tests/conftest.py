@@ -18,3 +18,13 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def private_seaweedfs(tmp_path) -> Iterator[SeaweedFS]:  # noqa: ANN001
+    """A store of this test's own, for tests that stop it (outages) or must see it empty."""
+    server = SeaweedFS(tmp_path / "weed").start()
+    try:
+        yield server
+    finally:
+        server.stop()

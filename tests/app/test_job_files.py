@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,15 +109,6 @@ def test_a_model_path_is_stored_only_as_a_key(s3_settings: Any) -> None:
     result = PipelineResult([], {}, {}, {}, [], {}, model_path="/somewhere/model.pt")
     with pytest.raises(ValueError, match="by key"):
         save_results(None, "j3", [], result, object_store(s3_settings))  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def private_seaweedfs(tmp_path: Path) -> Iterator[SeaweedFS]:
-    server = SeaweedFS(tmp_path / "weed").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_a_store_outage_fails_the_job_with_a_clear_message(

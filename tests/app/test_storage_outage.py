@@ -4,7 +4,6 @@ SeaweedFS server, stopped and started again mid-test."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,15 +25,6 @@ def _with_store_route(app: FastAPI) -> FastAPI:
         return {"size": len(store.get_bytes(key))}
 
     return app
-
-
-@pytest.fixture
-def private_seaweedfs(tmp_path: Path) -> Iterator[SeaweedFS]:
-    server = SeaweedFS(tmp_path / "weed").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_readiness_and_requests_follow_the_store(

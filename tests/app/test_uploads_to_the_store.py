@@ -56,15 +56,6 @@ def test_an_upload_is_stored_under_the_datasets_prefix(
     assert [p for p in files_under(data_dir / "tmp") if p.name != ".lock"] == []
 
 
-@pytest.fixture
-def private_seaweedfs(tmp_path: Path) -> Iterator[SeaweedFS]:
-    server = SeaweedFS(tmp_path / "weed").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def test_a_store_outage_refuses_the_upload_and_leaves_nothing(
     private_seaweedfs: SeaweedFS, shapes_zip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
