@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from scan_engine.calibration import align_clusters, fit_temperature
 from scan_engine.losses import ConfidenceCrossEntropy, SCANLoss
 from scan_engine.model_selection import SMALL_CLUSTER_SHARE, head_consensus, score_candidate
-from scan_engine.scan import head_losses, sample_neighbors
+from scan_engine.scan import augment_features, head_losses, sample_neighbors
 
 logger = logging.getLogger(__name__)
 
@@ -86,17 +86,6 @@ class FeatureClustering:
     @property
     def non_empty_clusters(self) -> int:
         return int(np.unique(self.assignments).size)
-
-
-def augment_features(
-    features: torch.Tensor, noise: float, generator: torch.Generator
-) -> torch.Tensor:
-    """A feature-space view: Gaussian noise of relative norm `noise`, back on the unit sphere.
-    features: (B, D) unit rows."""
-    if noise <= 0:
-        return features
-    direction = torch.randn(features.shape, generator=generator) / math.sqrt(features.shape[1])
-    return F.normalize(features + noise * direction, dim=1)
 
 
 def _train_scan_heads(

@@ -8,15 +8,18 @@ it is fixed and only the heads train on cached features (fast, also on a CPU).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from scan_engine.augment import StrongAugment, normalize
 from scan_engine.config import ScanConfig
 from scan_engine.losses import SCANLoss, entropy
+from scan_engine.model_selection import head_consensus
 from scan_engine.models import ClusteringModel
 from scan_engine.runtime import Runtime
 from scan_engine.training import (
@@ -30,7 +33,14 @@ from scan_engine.training import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ScanStats", "run_scan", "infer", "head_losses", "sample_neighbors"]
+__all__ = [
+    "ScanStats",
+    "run_scan",
+    "infer",
+    "head_losses",
+    "sample_neighbors",
+    "augment_features",
+]
 
 
 @dataclass
@@ -41,6 +51,8 @@ class ScanStats:
     wall_s: float
     head_losses: dict[int, list[float]] = field(default_factory=dict)  # C -> loss per head
     chosen_heads: dict[int, int] = field(default_factory=dict)  # C -> index of the kept head
+    # C -> each head's mean agreement with the others (scan.head_selection "consensus")
+    head_consensus: dict[int, list[float]] = field(default_factory=dict)
 
 
 def sample_neighbors(
@@ -49,6 +61,17 @@ def sample_neighbors(
     """One neighbour per anchor, drawn uniformly from its K mined neighbours. (B,) indices."""
     choice = torch.randint(0, neighbors.shape[1], (index.shape[0],), generator=generator)
     return neighbors[index, choice]
+
+
+def augment_features(
+    features: torch.Tensor, noise: float, generator: torch.Generator
+) -> torch.Tensor:
+    """A feature-space view: Gaussian noise of relative norm `noise`, back on the unit sphere.
+    features: (B, D) unit rows (any device; `generator` is a CPU one)."""
+    if noise <= 0:
+        return features
+    direction = torch.randn(features.shape, generator=generator) / math.sqrt(features.shape[1])
+    return F.normalize(features + noise * direction.to(features.device), dim=1)
 
 
 def run_scan(
@@ -91,13 +114,11 @@ def run_scan(
         neighbor_index = sample_neighbors(neighbors, index, generator)
         if on_cached_features:
             assert features is not None
+            neighbor_features = augment_features(
+                features[neighbor_index.to(runtime.device)], settings.feature_noise, generator
+            )
             both = model.forward_heads(
-                torch.cat(
-                    [
-                        features[index.to(runtime.device)],
-                        features[neighbor_index.to(runtime.device)],
-                    ]
-                )
+                torch.cat([features[index.to(runtime.device)], neighbor_features])
             )
         else:
             batch = runtime.images(torch.cat([images[index], images[neighbor_index]]))
@@ -133,7 +154,14 @@ def run_scan(
     # Head selection on the data without augmentation (paper: lowest total SCAN loss).
     _, logits = infer(model, images, runtime, config.eval_batch_size, features=features)
     losses = head_losses(logits, neighbors, settings.entropy_weight)
-    chosen = {c: int(torch.tensor(values).argmin()) for c, values in losses.items()}
+    consensus = {
+        c: [round(float(v), 4) for v in head_consensus(logits[c].argmax(-1).numpy(), c)]
+        for c in logits
+    }
+    if settings.head_selection == "consensus":
+        chosen = {c: int(np.argmax(values)) for c, values in consensus.items()}
+    else:
+        chosen = {c: int(torch.tensor(values).argmin()) for c, values in losses.items()}
     model.keep_heads(chosen)
     reporter.update("scan", 1.0, "heads selected", force=True)
     logger.info("SCAN heads chosen %s (losses %s)", chosen, losses)
@@ -144,6 +172,7 @@ def run_scan(
         wall,
         losses,
         chosen,
+        consensus,
     )
 
 
