@@ -27,7 +27,6 @@ from scan_engine.predict import (
     load_model,
     neighbor_outlier_reference,
 )
-from scan_engine.sample_data import render_shape_image
 
 
 @pytest.fixture(scope="module")
