@@ -106,7 +106,7 @@ def test_the_loaded_model_reproduces_the_training_assignments(k_selection_run, p
 
 
 @pytest.mark.slow
-def test_images_unlike_any_cluster_are_outliers(predictor) -> None:
+def test_images_unlike_any_cluster_are_outliers(k_selection_run, predictor) -> None:
     noise = predictor.predict(from_arrays(_noise(8)))
     # The tiny scratch model's features differ between CPUs: all 8 noise images were flagged on
     # an AMD Zen 3, 6 of 8 on an Intel Xeon (AMX), where two fell inside the training radius.
@@ -114,7 +114,14 @@ def test_images_unlike_any_cluster_are_outliers(predictor) -> None:
     # test_features.py): this model's 50 SimCLR epochs on 200 images put magenta rings inside
     # the radius on the Xeon.
     assert noise.outlier is not None and noise.outlier.mean() >= 0.75, noise.distance
-    assert noise.distance is not None and noise.distance.min() > 0.1
+    # Even the unflagged noise lies farther out than nearly every held-back image of the
+    # training classes (a fixed distance, 0.1, held on Zen 3; the Xeon gave 0.094).
+    like_training = predictor.predict(k_selection_run.held_back).distance
+    assert noise.distance is not None and like_training is not None
+    assert noise.distance.min() > np.quantile(like_training, 0.9), (
+        noise.distance,
+        np.quantile(like_training, [0.5, 0.9, 1.0]),
+    )
 
 
 @pytest.mark.slow
