@@ -85,7 +85,8 @@ def run_scan(
     budget_s: float | None = None,
     features: torch.Tensor | None = None,
 ) -> ScanStats:
-    """Train `model` in place, then keep the head with the lowest loss per cluster count.
+    """Train `model` in place, then keep one head per cluster count: the lowest loss, or with
+    scan.head_selection "consensus" the head the others agree with most.
 
     images: (N, 3, S, S) uint8; neighbors: (N, K) int64. With `features` (N, D) given, the
     backbone stays fixed and the heads train on those cached features instead of images.

@@ -1,5 +1,6 @@
 """Stage 3, scan: the SCAN clustering step, one backbone and `num_heads` heads for every cluster
-count; the head with the lowest loss is kept (scan_engine.scan).
+count; the head scan.head_selection names is kept: lowest loss, or the consensus head
+(scan_engine.scan).
 
 With a fixed backbone (config.fixed_backbone) the heads train on cached, L2-normalised backbone
 features, read times scan.feature_scale; otherwise the backbone is fine-tuned on images.
