@@ -29,9 +29,12 @@ from tests.service_support import (
     stop_process,
 )
 
+# SCAN long enough (~17 s on a quiet Xeon) that the job still runs when the second delivery comes,
+# 3 s visibility timeout plus up to a 1.5 s sweep after the first: with 2 epochs a quiet CPU
+# finished the whole job in 4.3 s, before Redis handed the message on.
 OVERRIDES = {
     "pretext": {"epochs": 1},
-    "scan": {"epochs": 2, "num_heads": 1},
+    "scan": {"epochs": 120, "num_heads": 1},
     "selflabel": {"epochs": 1},
 }
 SECOND_DELIVERY = "running under another worker's lease"
