@@ -200,7 +200,9 @@ def test_a_worker_on_another_host_resumes_from_the_checkpoint_in_the_store(
                     "dataset_id": dataset["id"],
                     "num_clusters": 3,
                     "preset": "tiny",
-                    "overrides": FAST_OVERRIDES | {"scan": {"epochs": 2, "num_heads": 1}},
+                    # SCAN long enough (~6 s) that the job still runs when the checkpoint is
+                    # seen in the store: with 2 epochs a quiet CPU finishes within a second.
+                    "overrides": FAST_OVERRIDES | {"scan": {"epochs": 40, "num_heads": 1}},
                 },
             )
             assert response.status_code == 202, response.text
