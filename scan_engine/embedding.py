@@ -284,6 +284,7 @@ def embed_sources(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    items: range | None = None,
 ) -> EmbeddedFeatures:
     """Stream every item of `sources` through `module` (a frozen backbone giving (B, D)).
 
@@ -291,6 +292,10 @@ def embed_sources(
     be read or decoded are skipped and reported. `progress(done, total)` is called after each
     batch (items done, skipped ones included); when `should_stop()` turns true, StopRequested is
     raised before the next batch. `batch_size` None: the runtime's inference batch size.
+
+    `items`: only these item positions (a shard of the collection, step 1). Rows keep their
+    positions in the whole collection and views are seeded by them, so shards embedded apart
+    and put together (scan_engine.feature_shards) equal one pass over everything.
     """
     if batch_size is None:
         batch_size = runtime.inference_batch_size
@@ -300,9 +305,13 @@ def embed_sources(
         raise ValueError(f"decode_workers must be >= 1, got {decode_workers}")
     if augmented_views < 0:
         raise ValueError(f"augmented_views must be >= 0, got {augmented_views}")
-    embedder = _BatchEmbedder(module, preprocessing, runtime, len(sources), augmented_views)
+    if items is None:
+        items = range(len(sources))
+    if items.step != 1 or (len(items) and (items.start < 0 or items.stop > len(sources))):
+        raise ValueError(f"items must be a step-1 range within 0..{len(sources)}, got {items}")
+    embedder = _BatchEmbedder(module, preprocessing, runtime, len(items), augmented_views)
     started = time.perf_counter()
-    total = len(sources)
+    total = len(items)
     size = preprocessing.input_size
     # (1 + V, B, S, S, 3) uint8: one reused batch buffer, each view's slab contiguous (NHWC).
     batch = np.empty((1 + augmented_views, batch_size, size, size, 3), dtype=np.uint8)
@@ -312,10 +321,10 @@ def embed_sources(
     window = batch_size * PREFETCH_BATCHES
     pool = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="embed-decode")
     pending: deque[tuple[int, Future[np.ndarray]]] = deque()
-    next_index = 0
+    next_index, end = items.start, items.stop
     try:
-        while pending or next_index < total:
-            while next_index < total and len(pending) < window:
+        while pending or next_index < end:
+            while next_index < end and len(pending) < window:
                 future = pool.submit(
                     prepare_item, sources, next_index, preprocessing, augmented_views, seed
                 )
@@ -334,7 +343,7 @@ def embed_sources(
                 embedder.add(batch)
                 filled = 0
                 if progress is not None:
-                    progress(index + 1, total)
+                    progress(index + 1 - items.start, total)
         if filled:
             _check_stop(should_stop)
             embedder.add(batch[:, :filled])

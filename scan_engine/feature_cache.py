@@ -89,6 +89,27 @@ class FeatureCache:
         readable = re.sub(r"[^A-Za-z0-9._-]+", "_", backbone_name).strip("._-")[:60] or "backbone"
         return f"{readable}-{int(input_size)}px-v{int(augmented_views)}-{digest}"
 
+    def entry_key(
+        self,
+        content: str,
+        *,
+        backbone_name: str,
+        weights_sha256: str,
+        preprocessing: Preprocessing,
+        augmented_views: int,
+        seed: int = 0,
+    ) -> str:
+        """The key `cached_embedding` looks a collection up under; `content`: its content_key."""
+        return self.key(
+            content,
+            backbone_name,
+            weights_sha256,
+            preprocessing.input_size,
+            augmented_views,
+            seed=seed,
+            preprocessing=preprocessing.describe(),
+        )
+
     def path(self, key: str) -> Path:
         if not _KEY_PATTERN.match(key):
             raise ValueError(f"not a feature cache key: {key!r}")
@@ -177,14 +198,13 @@ def cached_embedding(
 
     Labels and class names always come from `sources` (they depend on how it was listed).
     """
-    key = cache.key(
+    key = cache.entry_key(
         content_key(sources),
-        backbone_name,
-        weights_sha256,
-        preprocessing.input_size,
-        augmented_views,
+        backbone_name=backbone_name,
+        weights_sha256=weights_sha256,
+        preprocessing=preprocessing,
+        augmented_views=augmented_views,
         seed=seed,
-        preprocessing=preprocessing.describe(),
     )
     cached = cache.load(key)
     if cached is not None and _matches(cached, sources):

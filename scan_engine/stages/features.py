@@ -9,23 +9,27 @@ Later stages see the embedded rows as the collection: an ImageCollection whose p
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from scan_engine.backbones import get_spec, load_backbone
+from scan_engine.backbones import LoadedBackbone, get_spec, load_backbone
 from scan_engine.config import ScanConfig
 from scan_engine.data import ImageCollection
-from scan_engine.embedding import EmbeddedFeatures, Preprocessing
+from scan_engine.embedding import EmbeddedFeatures, Preprocessing, embed_sources
 from scan_engine.feature_cache import FeatureCache, cached_embedding, content_key
 from scan_engine.models import FeatureInput
+from scan_engine.runtime import Runtime
 from scan_engine.sources import ImageSources
 from scan_engine.stages.base import RunContext, RunState, Stage, StageReport
 from scan_engine.stages.selflabel import CACHED_AUGMENTED_VIEWS
 
 __all__ = [
+    "FeatureRecipe",
     "FeaturesStage",
     "as_sources",
     "listing_as_collection",
@@ -39,6 +43,91 @@ def preprocessing_for(config: ScanConfig) -> Preprocessing:
     assert config.pretrained_backbone is not None
     spec = get_spec(config.pretrained_backbone)
     return Preprocessing(config.image_size, spec.mean, spec.std, spec.crop_pct, spec.interpolation)
+
+
+@dataclass(frozen=True)
+class FeatureRecipe:
+    """How this stage embeds a collection for a config: the loaded backbone, its preprocessing
+    at config.image_size, the augmented views self-labeling reads and their seed, and the cache.
+
+    One object for the stage and for a pass split over several workers (scan_engine.
+    feature_shards), so that the shards embed the same rows and their merge is stored under the
+    very key this stage then looks up.
+    """
+
+    backbone: LoadedBackbone
+    preprocessing: Preprocessing
+    augmented_views: int
+    seed: int
+    cache: FeatureCache
+
+    @classmethod
+    def for_config(cls, config: ScanConfig, work_dir: str | Path) -> FeatureRecipe:
+        """Loads the backbone; the cache is config.feature_cache_dir, else work_dir/features."""
+        assert config.pretrained_backbone is not None
+        return cls(
+            backbone=load_backbone(config.pretrained_backbone, models_dir=config.models_dir),
+            preprocessing=preprocessing_for(config),
+            augmented_views=CACHED_AUGMENTED_VIEWS,
+            seed=config.seed,
+            cache=FeatureCache(config.feature_cache_dir or Path(work_dir) / "features"),
+        )
+
+    def cache_key(self, content: str) -> str:
+        """The cache entry of the collection whose content_key is `content`."""
+        return self.cache.entry_key(
+            content,
+            backbone_name=self.backbone.spec.name,
+            weights_sha256=self.backbone.weights_sha256,
+            preprocessing=self.preprocessing,
+            augmented_views=self.augmented_views,
+            seed=self.seed,
+        )
+
+    def embed(
+        self,
+        sources: ImageSources,
+        runtime: Runtime,
+        *,
+        items: range | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> EmbeddedFeatures:
+        """Embed `sources` (only `items`, rows keeping their global positions), uncached."""
+        return embed_sources(
+            sources,
+            self.backbone.module,
+            preprocessing=self.preprocessing,
+            runtime=runtime,
+            augmented_views=self.augmented_views,
+            seed=self.seed,
+            progress=progress,
+            should_stop=should_stop,
+            items=items,
+        )
+
+    def cached(
+        self,
+        sources: ImageSources,
+        runtime: Runtime,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> tuple[EmbeddedFeatures, bool]:
+        """The features of `sources` from the cache, else embedded and cached: (rows, cached)."""
+        return cached_embedding(
+            self.cache,
+            sources,
+            self.backbone.module,
+            backbone_name=self.backbone.spec.name,
+            weights_sha256=self.backbone.weights_sha256,
+            preprocessing=self.preprocessing,
+            runtime=runtime,
+            augmented_views=self.augmented_views,
+            seed=self.seed,
+            progress=progress,
+            should_stop=should_stop,
+        )
 
 
 def rows_as_collection(embedded: EmbeddedFeatures, paths: list[str]) -> ImageCollection:
@@ -104,19 +193,11 @@ class FeaturesStage(Stage):
         config, sources = ctx.config, ctx.sources
         assert config.pretrained_backbone is not None and sources is not None
         ctx.reporter.update(self.name, 0.0, f"loading {config.pretrained_backbone}", force=True)
-        backbone = load_backbone(config.pretrained_backbone, models_dir=config.models_dir)
-        preprocessing = preprocessing_for(config)
-        cache_dir = config.feature_cache_dir or Path(ctx.work_dir) / "features"
-        embedded, from_cache = cached_embedding(
-            FeatureCache(cache_dir),
+        recipe = FeatureRecipe.for_config(config, ctx.work_dir)
+        backbone, preprocessing = recipe.backbone, recipe.preprocessing
+        embedded, from_cache = recipe.cached(
             sources,
-            backbone.module,
-            backbone_name=backbone.spec.name,
-            weights_sha256=backbone.weights_sha256,
-            preprocessing=preprocessing,
-            runtime=ctx.runtime,
-            augmented_views=CACHED_AUGMENTED_VIEWS,
-            seed=config.seed,
+            ctx.runtime,
             progress=lambda done, total: ctx.reporter.update(
                 "features", done / max(total, 1), f"embedding {done}/{total}"
             ),
