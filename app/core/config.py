@@ -154,6 +154,15 @@ class Settings(BaseSettings):
         description="A job queued this long without a worker taking it is sent to the queue "
         "again (its message may have been lost with a broker restart); duplicates are harmless.",
     )
+    EMBED_SHARD_IMAGES: int = Field(
+        default=0,
+        ge=0,
+        description="Sharded embedding (JOB_RUNNER=celery only): a pretrained-route job whose "
+        "dataset has more images than this splits the backbone pass into shards of this many "
+        "images that every free worker helps embed (the job's own worker too); that worker "
+        "then trains the heads on the gathered features. 0 = never shard. Worth it where one "
+        "worker's pass over a dataset takes long and other workers stand idle.",
+    )
     JOB_DEVICE: str = Field(
         default="", description="torch device for jobs; empty = CUDA if present."
     )

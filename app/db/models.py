@@ -43,6 +43,8 @@ __all__ = [
     "ResultSet",
     "Cluster",
     "Assignment",
+    "FeatureShard",
+    "ShardStatus",
     "new_id",
     "utcnow",
 ]
@@ -270,3 +272,36 @@ class Assignment(Base):
     position: Mapped[int] = mapped_column(Integer)  # image position, for stable pagination
     cluster: Mapped[int] = mapped_column(Integer)
     confidence: Mapped[float] = mapped_column(Float)
+
+
+class ShardStatus:
+    PENDING = "pending"  # nobody holds it (or its holder's lease expired: app.runner.shards)
+    RUNNING = "running"
+    DONE = "done"  # its rows are in the store under object_key
+
+
+class FeatureShard(Base):
+    """One range of a job's images whose backbone features one worker embeds (sharded
+    embedding, app.runner.shards). Taken with a lease like a job; the rows are gone once the
+    job's coordinator has merged every shard into the dataset's feature cache."""
+
+    __tablename__ = "feature_shards"
+    __table_args__ = (UniqueConstraint("job_id", "index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    # The feature-cache entry the shards make (scan_engine FeatureRecipe.cache_key) and the
+    # content key of the images it was computed from, so a worker can check its own recipe.
+    cache_key: Mapped[str] = mapped_column(String(160))
+    content_key: Mapped[str] = mapped_column(String(64))
+    index: Mapped[int] = mapped_column(Integer)
+    start: Mapped[int] = mapped_column(Integer)  # image positions start..stop-1
+    stop: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=ShardStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    object_key: Mapped[str | None] = mapped_column(String(255))  # set when done
+    embedded_by: Mapped[str | None] = mapped_column(String(128))  # the worker that did it
+    seconds: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

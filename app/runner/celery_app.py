@@ -19,10 +19,12 @@ from app.core.config import Settings, get_settings
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["TASK_NAME", "create_celery_app"]
+__all__ = ["TASK_NAME", "SHARD_TASK_NAME", "create_celery_app"]
 
-# The name messages carry (and so part of the wire format: queued messages outlive a deploy).
+# The names messages carry (and so part of the wire format: queued messages outlive a deploy).
 TASK_NAME = "worker.tasks.run_scan_job"
+# Helping a running job embed its features in shards (app.runner.shards); same queue.
+SHARD_TASK_NAME = "worker.tasks.embed_feature_shards"
 
 
 def create_celery_app(settings: Settings | None = None, include: Sequence[str] = ()) -> Celery:
@@ -54,7 +56,10 @@ def create_celery_app(settings: Settings | None = None, include: Sequence[str] =
         worker_prefetch_multiplier=1,
         task_soft_time_limit=settings.JOB_SOFT_TIME_LIMIT_S,
         task_time_limit=settings.JOB_HARD_TIME_LIMIT_S,
-        task_routes={TASK_NAME: {"queue": settings.CELERY_QUEUE}},
+        task_routes={
+            TASK_NAME: {"queue": settings.CELERY_QUEUE},
+            SHARD_TASK_NAME: {"queue": settings.CELERY_QUEUE},
+        },
         task_default_queue=settings.CELERY_QUEUE,
         broker_transport_options=broker_transport,
         result_backend_transport_options=transport,

@@ -23,7 +23,14 @@ from app.db.models import Image as ImageRow
 from app.runner.leases import lease_is_free, lease_unchanged_clause
 from app.storage import Storage
 
-__all__ = ["ClaimedJob", "claim_job", "finish_job", "requeue_after_shutdown", "elapsed_s"]
+__all__ = [
+    "ClaimedJob",
+    "claim_job",
+    "read_running_job",
+    "finish_job",
+    "requeue_after_shutdown",
+    "elapsed_s",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -137,30 +144,44 @@ def claim_job(
             )
         job = session.get(Job, job_id)
         assert job is not None  # just updated, in this transaction
-        dataset = session.get(Dataset, job.dataset_id)
-        rows = session.execute(
-            select(ImageRow.id, ImageRow.stored_path, ImageRow.label)
-            .where(ImageRow.dataset_id == job.dataset_id)
-            .order_by(ImageRow.position)
-        ).all()
-        has_labels = dataset is not None and dataset.has_labels
-        labels = [row.label for row in rows] if has_labels else None
-        if labels is not None and any(label is None for label in labels):
-            labels = None
-        return ClaimedJob(
-            job_id=job_id,
-            dataset_id=job.dataset_id,
-            preset=job.preset,
-            backbone=job.backbone,
-            num_clusters=job.num_clusters,
-            overcluster=job.overcluster,
-            overrides=dict(job.overrides or {}),
-            image_ids=[row.id for row in rows],
-            stored_paths=[row.stored_path for row in rows],
-            labels=labels,
-            class_names=dataset.class_names if (dataset and labels is not None) else None,
-            work_dir=Storage.job_work_dir(job_id),
-        )
+        return _job_inputs(session, job)
+
+
+def read_running_job(job_id: str, factory: sessionmaker[Session]) -> ClaimedJob | None:
+    """What a helper of a running job reads (a shard worker, app.runner.shards), without
+    taking its lease; None unless the job is running and not asked to cancel."""
+    with factory() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status != JobStatus.RUNNING or job.cancel_requested:
+            return None
+        return _job_inputs(session, job)
+
+
+def _job_inputs(session: Session, job: Job) -> ClaimedJob:
+    dataset = session.get(Dataset, job.dataset_id)
+    rows = session.execute(
+        select(ImageRow.id, ImageRow.stored_path, ImageRow.label)
+        .where(ImageRow.dataset_id == job.dataset_id)
+        .order_by(ImageRow.position)
+    ).all()
+    has_labels = dataset is not None and dataset.has_labels
+    labels = [row.label for row in rows] if has_labels else None
+    if labels is not None and any(label is None for label in labels):
+        labels = None
+    return ClaimedJob(
+        job_id=job.id,
+        dataset_id=job.dataset_id,
+        preset=job.preset,
+        backbone=job.backbone,
+        num_clusters=job.num_clusters,
+        overcluster=job.overcluster,
+        overrides=dict(job.overrides or {}),
+        image_ids=[row.id for row in rows],
+        stored_paths=[row.stored_path for row in rows],
+        labels=labels,
+        class_names=dataset.class_names if (dataset and labels is not None) else None,
+        work_dir=Storage.job_work_dir(job.id),
+    )
 
 
 def finish_job(

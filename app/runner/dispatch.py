@@ -11,7 +11,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from app.core.config import Settings
-from app.runner.celery_app import TASK_NAME, create_celery_app
+from app.runner.celery_app import SHARD_TASK_NAME, TASK_NAME, create_celery_app
 from app.runner.embedded import EmbeddedWorker
 
 if TYPE_CHECKING:
@@ -87,6 +87,21 @@ class CeleryDispatcher:
                 ignore_result=True,
                 retry_policy=_PUBLISH_RETRY,
             )
+        except Exception as error:  # kombu raises OperationalError and friends
+            raise DispatchError(f"could not reach the job queue: {error}") from error
+
+    def enqueue_shards(self, job_id: str, indexes: list[int]) -> None:
+        """One `embed_feature_shards` task per shard of job `job_id`, sent as a group: any free
+        worker helps embed (app.runner.shards); nobody waits on their results."""
+        from celery import group
+
+        app = self._app()
+        tasks = group(
+            app.signature(SHARD_TASK_NAME, args=[job_id, index], queue=self.settings.CELERY_QUEUE)
+            for index in indexes
+        )
+        try:
+            tasks.apply_async(ignore_result=True, retry_policy=_PUBLISH_RETRY)
         except Exception as error:  # kombu raises OperationalError and friends
             raise DispatchError(f"could not reach the job queue: {error}") from error
 

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -149,7 +150,8 @@ class Heartbeat:
     """A daemon thread renewing one job's lease every `interval_s` while the job runs.
 
     `lost` is set when the lease is gone: renewal refused, or no renewal got through for
-    `lease_s` (by then another worker may have taken the job over).
+    `lease_s` (by then another worker may have taken the job over). `renew_lease`: renews some
+    other lease of the job instead (a feature shard's, app.runner.shards); False when lost.
     """
 
     def __init__(
@@ -159,12 +161,15 @@ class Heartbeat:
         holder: str,
         lease_s: float,
         interval_s: float,
+        *,
+        renew_lease: Callable[[], bool] | None = None,
     ) -> None:
         self.factory = factory
         self.job_id = job_id
         self.holder = holder
         self.lease_s = lease_s
         self.interval_s = interval_s
+        self._renew = renew_lease or (lambda: renew(factory, job_id, holder, lease_s))
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -183,7 +188,7 @@ class Heartbeat:
         last_renewed = time.monotonic()
         while not self._stop.wait(self.interval_s):
             try:
-                if not renew(self.factory, self.job_id, self.holder, self.lease_s):
+                if not self._renew():
                     logger.warning(
                         "job lease lost; stopping without touching the job",
                         extra={"job_id": self.job_id, "holder": self.holder},

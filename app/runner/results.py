@@ -67,6 +67,7 @@ ROUTE_REPORT_KEYS = (
     "features_from_cache",
     "weights_sha256",
     "weights_source",
+    "feature_shards",
 )
 _BACKBONE_SECTION_KEYS = {
     "name": "backbone",
@@ -90,6 +91,10 @@ def route_report(report: dict[str, Any] | None) -> dict[str, Any] | None:
         found.update(
             {ours: section[key] for key, ours in _BACKBONE_SECTION_KEYS.items() if key in section}
         )
+    shards = report.get("feature_shards")  # app.runner.shards: this job embedded them, sharded
+    if isinstance(shards, dict):
+        found["feature_shards"] = shards
+        found["features_from_cache"] = False  # read from the entry its own shards made
     return jsonable(found) if found else None
 
 

@@ -15,6 +15,7 @@ job running under another worker's live lease is not touched, so a redelivered t
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from pathlib import Path
@@ -32,6 +33,7 @@ from app.runner.engine_callbacks import ProgressWriter, StopFlag
 from app.runner.job_files import JobFiles
 from app.runner.leases import Heartbeat, new_holder
 from app.runner.results import save_results
+from app.runner.shards import ShardDispatcher, ShardedEmbedding, embed_in_shards
 from app.storage import StorageUnavailable, object_store
 from scan_engine.results import StopRequested
 
@@ -102,6 +104,7 @@ def _run_pipeline(
     files: JobFiles,
     stop: StopFlag,
     holder: str | None = None,
+    shard_dispatcher: ShardDispatcher | None = None,
 ) -> str:
     """Load the claimed job's images, run the engine pipeline, store the results; the status."""
     # Imported here: the engine (and torch) load only in processes that run jobs.
@@ -112,6 +115,22 @@ def _run_pipeline(
     collection = _collection(claimed, config, files)
     writer = ProgressWriter(claimed.job_id, factory, settings.PROGRESS_INTERVAL_S, holder)
     try:
+        sharded = None
+        if shard_dispatcher is not None and holder is not None:
+            sharded = embed_in_shards(
+                claimed,
+                config,
+                collection,
+                store=files.store,
+                temp_dir=files.scratch or files.work_dir,
+                work_dir=files.work_dir,
+                stop=stop,
+                progress=writer,
+                dispatcher=shard_dispatcher,
+                holder=holder,
+                factory=factory,
+                settings=settings,
+            )
         result = pipeline.run(
             collection,
             config,
@@ -124,6 +143,8 @@ def _run_pipeline(
         close = getattr(collection, "close", None)  # ImageSources hold files open, pixels not
         if callable(close):
             close()
+    if sharded is not None:
+        _report_shards(result, sharded, files.work_dir)
     return save_results(
         factory,
         claimed.job_id,
@@ -135,8 +156,23 @@ def _run_pipeline(
     )
 
 
-def run_job(job_id: str, *, shutdown: threading.Event | None = None) -> str | None:
+def _report_shards(result: Any, sharded: ShardedEmbedding, work_dir: Path) -> None:
+    """The features came from the cache entry the shards made: the report says how."""
+    result.notes.append(sharded.note())
+    result.report["feature_shards"] = sharded.describe()
+    (work_dir / "report.json").write_text(json.dumps(result.report, indent=2))
+
+
+def run_job(
+    job_id: str,
+    *,
+    shutdown: threading.Event | None = None,
+    shard_dispatcher: ShardDispatcher | None = None,
+) -> str | None:
     """Run job `job_id` to the end; its final status (None when the job does not exist).
+
+    `shard_dispatcher` (the Celery worker's): with EMBED_SHARD_IMAGES set, a big dataset's
+    features are embedded in shards by every free worker (app.runner.shards).
 
     StopRequested from a cancel -> "cancelled"; from `shutdown` (embedded worker stopping) ->
     back to "queued" to resume later; from a lost lease -> the job is left to the worker that
@@ -160,7 +196,7 @@ def run_job(job_id: str, *, shutdown: threading.Event | None = None) -> str | No
     )
     files = JobFiles(object_store(settings), settings, job_id, claimed.dataset_id)
     try:
-        status = _run_pipeline(claimed, factory, settings, files, stop, holder)
+        status = _run_pipeline(claimed, factory, settings, files, stop, holder, shard_dispatcher)
     except StopRequested:
         if heartbeat.lost.is_set():
             logger.warning("job lease lost; left to its new holder", extra={"job_id": job_id})

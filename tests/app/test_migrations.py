@@ -20,6 +20,7 @@ TABLES = {
     "result_sets",
     "clusters",
     "assignments",
+    "feature_shards",
 }
 
 
