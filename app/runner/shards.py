@@ -26,7 +26,8 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -116,7 +117,8 @@ class ShardedEmbedding:
         }
 
     def note(self) -> str:
-        return f"features embedded in {self.shards} shards by {self.workers} workers"
+        workers = "1 worker" if self.workers == 1 else f"{self.workers} workers"
+        return f"features embedded in {self.shards} shards by {workers}"
 
 
 def shard_prefix(job_id: str) -> str:
@@ -231,7 +233,7 @@ def claim_shard(
                 continue
             if row.status == ShardStatus.RUNNING:
                 logger.warning(
-                    "taking over shard %d from a worker whose lease ran out",
+                    "taking over shard %d from a worker that stopped (lease out or process gone)",
                     row.index,
                     extra={"job_id": job_id, "previous_holder": row.lease_owner},
                 )
@@ -343,23 +345,12 @@ class _Embedder:
     temp_dir: Path
     should_stop: Callable[[], bool]
 
-    def embed(self, claim: ShardClaim) -> bool:
-        """Embed the claimed shard, store its file and mark it done; False when the lease was
-        lost on the way (nothing of it is kept). Raises StopRequested when `should_stop`
-        turns true (the shard is given back first)."""
+    def embed(self, claim: ShardClaim, lease: Heartbeat) -> bool:
+        """Embed the claimed shard, store its file and mark it done; False when its lease (kept
+        by `lease`) was lost on the way: nothing of it is kept. Raises StopRequested when
+        `should_stop` turns true (the shard is given back first)."""
         from scan_engine.feature_shards import save_shard
 
-        settings = self.settings
-        heartbeat = Heartbeat(
-            self.factory,
-            claim.job_id,
-            self.holder,
-            settings.JOB_LEASE_S,
-            settings.JOB_HEARTBEAT_S,
-            renew_lease=lambda: renew_shard(
-                self.factory, claim.id, self.holder, settings.JOB_LEASE_S
-            ),
-        ).start()
         started = time.monotonic()
         key = f"{shard_prefix(claim.job_id)}{claim.index:05d}-{uuid.uuid4().hex[:12]}.npz"
         try:
@@ -367,20 +358,18 @@ class _Embedder:
                 self.sources,
                 self.runtime,
                 items=range(claim.start, claim.stop),
-                should_stop=lambda: heartbeat.lost.is_set() or self.should_stop(),
+                should_stop=lambda: lease.lost.is_set() or self.should_stop(),
             )
             with tempfile.TemporaryDirectory(dir=self.temp_dir) as folder:
                 path = save_shard(Path(folder), claim.cache_key, claim.index, part)
                 self.store.put_file(key, path)
         except BaseException:
-            if not heartbeat.lost.is_set():
+            if not lease.lost.is_set():
                 release_shard(self.factory, claim.id, self.holder)
-            if heartbeat.lost.is_set() and not self.should_stop():
+            elif not self.should_stop():
                 logger.warning("shard lease lost", extra={"job_id": claim.job_id})
                 return False
             raise
-        finally:
-            heartbeat.stop()
         seconds = time.monotonic() - started
         if not finish_shard(self.factory, claim.id, self.holder, key, seconds):
             self.store.delete(key)  # another worker has it now (or the job's shards are gone)
@@ -394,6 +383,26 @@ class _Embedder:
             extra={"job_id": claim.job_id, "shard": claim.index, "worker": self.holder},
         )
         return True
+
+
+@contextmanager
+def _shard_lease(
+    factory: sessionmaker[Session], settings: Settings, claim: ShardClaim, holder: str
+) -> Iterator[Heartbeat]:
+    """The claimed shard's lease, renewed from the claim on: a helper's first shard includes
+    loading the engine and the backbone, which may take longer than the lease."""
+    heartbeat = Heartbeat(
+        factory,
+        claim.job_id,
+        holder,
+        settings.JOB_LEASE_S,
+        settings.JOB_HEARTBEAT_S,
+        renew_lease=lambda: renew_shard(factory, claim.id, holder, settings.JOB_LEASE_S),
+    ).start()
+    try:
+        yield heartbeat
+    finally:
+        heartbeat.stop()
 
 
 def _runtime(settings: Settings, config: ScanConfig) -> Runtime:
@@ -512,7 +521,8 @@ def _embed_and_gather(
             raise StopRequested("stopped while embedding in shards")
         claim = claim_shard(factory, job_id, embedder.holder, embedder.settings.JOB_LEASE_S)
         if claim is not None:
-            embedder.embed(claim)
+            with _shard_lease(factory, embedder.settings, claim, embedder.holder) as lease:
+                embedder.embed(claim, lease)
             continue
         rows = _shards(factory, job_id)
         done = sum(row.status == ShardStatus.DONE for row in rows)
@@ -565,14 +575,20 @@ def help_embed_shards(job_id: str, prefer: int | None = None) -> int:
     store = object_store(settings)
     scratch, lock = _helper_scratch(settings, job_id)
     embedded = 0
+    embedder: _Embedder | None = None
     try:
-        embedder = _helper_embedder(claimed, claim, settings, factory, store, scratch, holder)
-        while claim is not None and embedder is not None:
-            _fetch_images(claimed, store, embedder.sources, claim)
-            embedded += embedder.embed(claim)
+        while claim is not None:
+            with _shard_lease(factory, settings, claim, holder) as lease:
+                if embedder is None:  # loads the engine and backbone: under the lease
+                    embedder = _helper_embedder(
+                        claimed, claim, settings, factory, store, scratch, holder
+                    )
+                    if embedder is None:  # this worker cannot embed for the job: leave it
+                        release_shard(factory, claim.id, holder)
+                        break
+                _fetch_images(claimed, store, embedder.sources, claim)
+                embedded += embedder.embed(claim, lease)
             claim = claim_shard(factory, job_id, holder, settings.JOB_LEASE_S)
-        if claim is not None:  # this worker cannot embed for the job (see _helper_embedder)
-            release_shard(factory, claim.id, holder)
     except StopRequested:
         logger.info("job stopped: leaving its shards", extra={"job_id": job_id})
     except BaseException:

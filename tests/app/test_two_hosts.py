@@ -31,6 +31,7 @@ from tests.service_support import (
     png_bytes,
     start_celery_worker,
     stop_process,
+    upload_zip,
 )
 
 
@@ -286,3 +287,134 @@ def test_the_feature_cache_serves_a_worker_on_another_host(
                 }
                 assert cached, "the first job left no features in the store"
         assert [job["features_from_cache"] for job in jobs] == [False, True]
+
+
+# Sharded embedding: the 36 shapes in shards of 8 (5 shards), heads trained briefly.
+SHARDED = {"EMBED_SHARD_IMAGES": "8", "JOB_LEASE_S": "6", "JOB_HEARTBEAT_S": "1"}
+SHARDED_JOB = {
+    "num_clusters": 3,
+    "overrides": {"image_size": 32, "scan": {"epochs": 5}, "selflabel": {"epochs": 2}},
+}
+
+
+def _wait_until_ready(logs: list[Path], timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not all(p.exists() and " ready." in p.read_text(errors="replace") for p in logs):
+        assert time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.2)
+
+
+def _shard_rows(job_id: str) -> list[Any]:
+    from sqlalchemy import select
+
+    from app.db.models import FeatureShard
+    from app.db.session import session_scope
+
+    with session_scope() as session:
+        rows = session.scalars(select(FeatureShard).where(FeatureShard.job_id == job_id)).all()
+        session.expunge_all()
+        return list(rows)
+
+
+def _check_sharded_job(
+    client: TestClient, seaweedfs: SeaweedFS, prefix: str, job: dict[str, Any], dataset_id: str
+) -> dict[str, Any]:
+    """What every sharded job leaves: all images clustered, the cache entry, no shard left."""
+    assert job["status"] == "succeeded", job["error"]
+    shards = job["run_report"]["feature_shards"]
+    assert shards["shards"] == 5 and shards["images"] == 36
+    assert sum(shards["shards_by_worker"].values()) == 5
+    assert job["features_from_cache"] is False  # this job embedded them, in shards
+    workers = "1 worker" if shards["workers"] == 1 else f"{shards['workers']} workers"
+    assert f"features embedded in 5 shards by {workers}" in job["notes"]
+    assert client.get(f"/api/v1/jobs/{job['id']}/assignments").json()["total"] == 36
+    stored = _keys(seaweedfs, prefix)
+    assert [key for key in stored if key.startswith(f"features/{dataset_id}/")], "no cache entry"
+    assert not [key for key in stored if "feature_shards" in key]
+    assert _shard_rows(job["id"]) == []
+    return shards
+
+
+def _pid_of_helper_holding_a_shard(job_id: str, timeout_s: float = 60) -> int:
+    """The pool process of a worker, not the job's own, while it holds a shard of the job."""
+    from sqlalchemy import select
+
+    from app.db.models import Job
+    from app.db.session import session_scope
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with session_scope() as session:
+            coordinator = session.scalar(select(Job.lease_owner).where(Job.id == job_id))
+        for row in _shard_rows(job_id) if coordinator else []:
+            if row.status == "running" and row.lease_owner:
+                pid = int(row.lease_owner.split(":")[1])
+                if pid != int(coordinator.split(":")[1]):
+                    return pid
+        time.sleep(0.02)
+    raise AssertionError("no other worker ever held a shard")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_workers_embed_in_shards_and_a_killed_workers_shard_is_taken_over(
+    seaweedfs: SeaweedFS, shapes_zip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EMBED_SHARD_IMAGES=8: a job's 36 images are embedded in 5 shards by both workers, the
+    other one's heads train on the gathered features. Then a second dataset's job, whose
+    helper is killed (SIGKILL) while it holds a shard: the job's worker takes it over."""
+    from app.main import create_app
+
+    logs = [tmp_path / "worker-a.log", tmp_path / "worker-b.log"]
+    workers = []
+    with (
+        _hosts(seaweedfs, tmp_path, monkeypatch, **SHARDED) as hosts,
+        TestClient(create_app()) as client,
+    ):
+        client.headers["Authorization"] = f"Bearer {create_api_key('two-hosts')}"
+        dataset = upload_shapes(client, shapes_zip)
+        try:
+            for index, log in enumerate(logs):
+                data_dir = tmp_path / f"worker-{index}-data"
+                data_dir.mkdir()
+                env = hosts["worker_env"] | {"DATA_DIR": str(data_dir)}
+                workers.append(start_celery_worker(env, log, name=f"host-{index}"))
+            _wait_until_ready(logs)
+            response = client.post(
+                "/api/v1/jobs", json={"dataset_id": dataset["id"], **SHARDED_JOB}
+            )
+            assert response.status_code == 202, response.text
+            job = wait_for(client, response.json()["id"], FINISHED, timeout_s=180)
+            shards = _check_sharded_job(client, seaweedfs, hosts["prefix"], job, dataset["id"])
+            assert shards["workers"] == 2
+            for log in logs:  # both embedded at least one shard
+                assert "embedded shard" in log.read_text(errors="replace"), log.name
+
+            # The same images without labels: another dataset, so nothing cached for it.
+            other = upload_zip(client, shapes_zip.read_bytes(), labels_from_folders="false")
+            assert other.status_code == 201 and other.json()["id"] != dataset["id"]
+            response = client.post(
+                "/api/v1/jobs", json={"dataset_id": other.json()["id"], **SHARDED_JOB}
+            )
+            assert response.status_code == 202, response.text
+            job_id = response.json()["id"]
+            victim = _pid_of_helper_holding_a_shard(job_id)
+            # "pid (name) S ppid ...": the helper's worker process is its pool's parent.
+            parent = int(Path(f"/proc/{victim}/stat").read_text().rpartition(")")[2].split()[1])
+            helper = next(worker for worker in workers if worker.pid == parent)
+            os.kill(victim, signal.SIGKILL)
+            helper.kill()  # and the whole worker: that host is gone
+            helper.wait()
+            job = wait_for(client, job_id, FINISHED, timeout_s=180)
+            _check_sharded_job(client, seaweedfs, hosts["prefix"], job, other.json()["id"])
+            assert job["attempts"] == 1  # the job's own worker went on
+            survivor = logs[1 - workers.index(helper)].read_text(errors="replace")
+            assert "taking over shard" in survivor
+        except BaseException:
+            for path in logs:
+                if path.exists():
+                    print(f"--- {path.name}\n{path.read_text(errors='replace')[-5000:]}")
+            raise
+        finally:
+            for worker in workers:
+                stop_process(worker)
