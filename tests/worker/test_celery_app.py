@@ -49,6 +49,16 @@ def test_task_is_registered_under_the_dispatch_name() -> None:
     assert run_scan_job.acks_late is True
 
 
+def test_the_shard_task_is_registered_and_goes_to_the_job_queue() -> None:
+    from app.runner.celery_app import SHARD_TASK_NAME
+    from worker.celery_app import celery_app
+    from worker.tasks import embed_feature_shards
+
+    assert embed_feature_shards.name == SHARD_TASK_NAME and SHARD_TASK_NAME in celery_app.tasks
+    assert embed_feature_shards.acks_late is True
+    assert celery_app.amqp.router.route({}, SHARD_TASK_NAME)["queue"].name == "gpu"
+
+
 def test_import_initialises_no_cuda_and_loads_no_routes() -> None:
     code = (
         "import sys, worker.celery_app, worker.tasks\n"
