@@ -143,14 +143,14 @@ def plan_shards(
 ) -> list[int]:
     """Rows for every shard of `cache_key`; the indexes still to embed. The rows of an earlier
     attempt that planned the same shards are kept (its done shards are not embedded again);
-    any others of the job are replaced, with their files."""
+    any others of the job are replaced (their files go with the job's shard folder)."""
     with factory() as session, session.begin():
         rows = session.scalars(select(FeatureShard).where(FeatureShard.job_id == job_id)).all()
         planned = {(row.index, row.start, row.stop, row.cache_key) for row in rows}
         wanted = {(i, r.start, r.stop, cache_key) for i, r in enumerate(ranges)}
         if planned == wanted:
             return sorted(row.index for row in rows if row.status != ShardStatus.DONE)
-        stale = [row.object_key for row in rows if row.object_key]
+        stale = len(rows)
         session.execute(delete(FeatureShard).where(FeatureShard.job_id == job_id))
         session.add_all(
             FeatureShard(
@@ -166,7 +166,7 @@ def plan_shards(
             for index, items in enumerate(ranges)
         )
     if stale:
-        logger.info("replaced %d shards of an earlier plan", len(stale), extra={"job_id": job_id})
+        logger.info("replaced %d shards of an earlier plan", stale, extra={"job_id": job_id})
     return list(range(len(ranges)))
 
 
@@ -491,7 +491,12 @@ def embed_in_shards(
             stop.shutdown is not None and stop.shutdown.is_set() and not stop.cancelled
         )
         if not job_goes_on:
-            _drop_shards(factory, store, job_id)
+            try:
+                _drop_shards(factory, store, job_id)
+            except Exception:  # the job's own error matters more; rows go with the job
+                logger.warning(
+                    "could not remove the shards", extra={"job_id": job_id}, exc_info=True
+                )
         raise
     _drop_shards(factory, store, job_id)
     by_worker: dict[str, int] = {}
@@ -564,13 +569,18 @@ def help_embed_shards(job_id: str, prefer: int | None = None) -> int:
 
     settings = get_settings()
     factory = get_sessionmaker()
-    claimed = read_running_job(job_id, factory)
-    if claimed is None:
+    stop = StopFlag(job_id, factory, settings.CANCEL_CHECK_INTERVAL_S)
+    if stop():
         logger.info("job not running: no shard to embed", extra={"job_id": job_id})
         return 0
     holder = new_holder()
+    # Claimed before the job's image list is read: most surplus tasks end here, cheaply.
     claim = claim_shard(factory, job_id, holder, settings.JOB_LEASE_S, prefer)
     if claim is None:
+        return 0
+    claimed = read_running_job(job_id, factory)
+    if claimed is None:  # ended meanwhile
+        release_shard(factory, claim.id, holder)
         return 0
     store = object_store(settings)
     scratch, lock = _helper_scratch(settings, job_id)
