@@ -151,7 +151,8 @@ class Heartbeat:
 
     `lost` is set when the lease is gone: renewal refused, or no renewal got through for
     `lease_s` (by then another worker may have taken the job over). `renew_lease`: renews some
-    other lease of the job instead (a feature shard's, app.runner.shards); False when lost.
+    other lease of the job instead (a feature shard's, app.runner.shards; `what` names it in
+    the log); False when lost.
     """
 
     def __init__(
@@ -163,6 +164,7 @@ class Heartbeat:
         interval_s: float,
         *,
         renew_lease: Callable[[], bool] | None = None,
+        what: str = "job",
     ) -> None:
         self.factory = factory
         self.job_id = job_id
@@ -170,6 +172,7 @@ class Heartbeat:
         self.lease_s = lease_s
         self.interval_s = interval_s
         self._renew = renew_lease or (lambda: renew(factory, job_id, holder, lease_s))
+        self.what = what
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -190,7 +193,9 @@ class Heartbeat:
             try:
                 if not self._renew():
                     logger.warning(
-                        "job lease lost; stopping without touching the job",
+                        "%s lease lost; stopping without touching the %s",
+                        self.what,
+                        self.what,
                         extra={"job_id": self.job_id, "holder": self.holder},
                     )
                     self.lost.set()

@@ -371,7 +371,10 @@ class _Embedder:
                 return False
             raise
         seconds = time.monotonic() - started
-        if not finish_shard(self.factory, claim.id, self.holder, key, seconds):
+        lease.stop()  # before the shard leaves "running": no renewal is refused after it
+        if lease.lost.is_set() or not finish_shard(
+            self.factory, claim.id, self.holder, key, seconds
+        ):
             self.store.delete(key)  # another worker has it now (or the job's shards are gone)
             return False
         logger.info(
@@ -398,6 +401,7 @@ def _shard_lease(
         settings.JOB_LEASE_S,
         settings.JOB_HEARTBEAT_S,
         renew_lease=lambda: renew_shard(factory, claim.id, holder, settings.JOB_LEASE_S),
+        what=f"shard {claim.index}",
     ).start()
     try:
         yield heartbeat
