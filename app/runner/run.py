@@ -8,9 +8,12 @@ pixels, scan_engine.data.load_files; the pretrained route: a list of files, scan
 that the engine streams through the backbone, its features cached per dataset), runs
 scan_engine.pipeline.run in the job's work folder (a rerun resumes from the checkpoints there)
 with the callbacks of app.runner.engine_callbacks, and stores the results (app.runner.results:
-every object written before the job is marked succeeded). A heartbeat thread renews the lease;
-every write is conditional on still holding it. Idempotent: a finished job is left alone and a
-job running under another worker's live lease is not touched, so a redelivered task is harmless.
+every object written before the job is marked succeeded). On the Celery route a big dataset's
+features may first be embedded in shards by several workers (app.runner.shards,
+EMBED_SHARD_IMAGES); the features stage then finds them cached. A heartbeat thread renews the
+lease; every write is conditional on still holding it. Idempotent: a finished job is left
+alone and a job running under another worker's live lease is not touched, so a redelivered task
+is harmless.
 """
 
 from __future__ import annotations
@@ -128,6 +131,7 @@ def _run_pipeline(
                 progress=writer,
                 dispatcher=shard_dispatcher,
                 holder=holder,
+                push_cache=files.push_checkpoints,
                 factory=factory,
                 settings=settings,
             )

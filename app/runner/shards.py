@@ -431,11 +431,13 @@ def embed_in_shards(
     progress: ProgressWriter,
     dispatcher: ShardDispatcher,
     holder: str,
+    push_cache: Callable[[], None] | None = None,
     factory: sessionmaker[Session] | None = None,
     settings: Settings | None = None,
 ) -> ShardedEmbedding | None:
     """Embed the job's images in shards with every free worker and store the merged features
-    in the dataset's feature cache (config.feature_cache_dir), where the features stage looks.
+    in the dataset's feature cache (config.feature_cache_dir), where the features stage looks;
+    `push_cache` copies that folder to the store (S3) before the shards are deleted.
 
     None when there is nothing to shard: not the pretrained route, EMBED_SHARD_IMAGES 0, no more
     images than that, or the features already cached. Raises StopRequested when `stop` turns
@@ -489,6 +491,8 @@ def embed_in_shards(
         from scan_engine.feature_shards import save_merged
 
         save_merged(recipe, sources, parts)
+        if push_cache is not None:  # the entry in the store before the shards go
+            push_cache()
         done = _shards(factory, job_id)
     except BaseException:
         job_goes_on = (stop.lease_lost is not None and stop.lease_lost.is_set()) or (
