@@ -14,13 +14,14 @@ float32 differ in the third decimal, and either serves a later job equally well.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -191,27 +192,39 @@ def cached_embedding(
     decode_workers: int = 2,
     augmented_views: int = 0,
     seed: int = 0,
+    reusable_views: Sequence[int] = (),
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[EmbeddedFeatures, bool]:
     """The collection's features from the cache, else streamed and cached: (features, from_cache).
 
     Labels and class names always come from `sources` (they depend on how it was listed).
+    With `augmented_views` 0, an entry cached with one of `reusable_views` views also serves
+    (same plain rows; its views are dropped), before anything is embedded.
     """
-    key = cache.entry_key(
-        content_key(sources),
-        backbone_name=backbone_name,
-        weights_sha256=weights_sha256,
-        preprocessing=preprocessing,
-        augmented_views=augmented_views,
-        seed=seed,
-    )
-    cached = cache.load(key)
-    if cached is not None and _matches(cached, sources):
-        logger.info("features for %d images from the cache (%s)", len(cached), key)
-        # Listing-time refusals are not in the content key: report the current ones too.
-        cached.skipped = sorted({*cached.skipped, *sources.skipped}, key=lambda item: item.path)
-        return cached.with_labels_from(sources), True
+    content = content_key(sources)
+
+    def key_with(views: int) -> str:
+        return cache.entry_key(
+            content,
+            backbone_name=backbone_name,
+            weights_sha256=weights_sha256,
+            preprocessing=preprocessing,
+            augmented_views=views,
+            seed=seed,
+        )
+
+    key = key_with(augmented_views)
+    lookups = [key] + ([key_with(v) for v in reusable_views] if augmented_views == 0 else [])
+    for lookup in lookups:
+        cached = cache.load(lookup)
+        if cached is not None and _matches(cached, sources):
+            logger.info("features for %d images from the cache (%s)", len(cached), lookup)
+            if lookup != key:
+                cached = dataclasses.replace(cached, augmented=None)
+            # Listing-time refusals are not in the content key: report the current ones too.
+            cached.skipped = sorted({*cached.skipped, *sources.skipped}, key=lambda item: item.path)
+            return cached.with_labels_from(sources), True
     embedded = embed_sources(
         sources,
         module,

@@ -31,6 +31,7 @@ from scan_engine.stages.selflabel import CACHED_AUGMENTED_VIEWS
 __all__ = [
     "FeatureRecipe",
     "FeaturesStage",
+    "augmented_views_for",
     "as_sources",
     "listing_as_collection",
     "preprocessing_for",
@@ -43,6 +44,13 @@ def preprocessing_for(config: ScanConfig) -> Preprocessing:
     assert config.pretrained_backbone is not None
     spec = get_spec(config.pretrained_backbone)
     return Preprocessing(config.image_size, spec.mean, spec.std, spec.crop_pct, spec.interpolation)
+
+
+def augmented_views_for(config: ScanConfig) -> int:
+    """Strongly augmented views to embed: only self-labeling reads them, and each costs one more
+    backbone pass per image (two views triple the embedding time)."""
+    selflabel = config.selflabel
+    return CACHED_AUGMENTED_VIEWS if selflabel.enabled and selflabel.epochs > 0 else 0
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,7 @@ class FeatureRecipe:
         return cls(
             backbone=load_backbone(config.pretrained_backbone, models_dir=config.models_dir),
             preprocessing=preprocessing_for(config),
-            augmented_views=CACHED_AUGMENTED_VIEWS,
+            augmented_views=augmented_views_for(config),
             seed=config.seed,
             cache=FeatureCache(config.feature_cache_dir or Path(work_dir) / "features"),
         )
@@ -125,6 +133,8 @@ class FeatureRecipe:
             runtime=runtime,
             augmented_views=self.augmented_views,
             seed=self.seed,
+            # Without views, an entry a self-labeling job cached with views serves as well.
+            reusable_views=() if self.augmented_views else (CACHED_AUGMENTED_VIEWS,),
             progress=progress,
             should_stop=should_stop,
         )

@@ -90,6 +90,35 @@ def test_a_second_job_reuses_the_cached_features(folder: Path, tmp_path: Path) -
     ]  # one entry, no temporary files left behind
 
 
+def test_an_entry_with_views_serves_a_job_without_views_but_not_the_reverse(
+    folder: Path, tmp_path: Path
+) -> None:
+    cache = FeatureCache(tmp_path / "cache")
+    with_views, _ = run(
+        cache, ImageSources.from_folder(folder), CountingBackbone(), augmented_views=2
+    )
+
+    module = CountingBackbone()
+    plain, from_cache = run(
+        cache, ImageSources.from_folder(folder), module, augmented_views=0, reusable_views=(2,)
+    )
+    assert from_cache and module.images_seen == 0
+    assert torch.equal(plain.features, with_views.features) and plain.augmented is None
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # nothing new written
+
+    # Without the allowance a job without views embeds; views are never made up from a plain
+    # entry (here in a cache of its own, which holds only that one).
+    plain_only = FeatureCache(tmp_path / "plain")
+    module = CountingBackbone()
+    _, from_cache = run(plain_only, ImageSources.from_folder(folder), module, augmented_views=0)
+    assert not from_cache and module.images_seen == 4
+    module = CountingBackbone()
+    viewed, from_cache = run(
+        plain_only, ImageSources.from_folder(folder), module, augmented_views=2, reusable_views=(0,)
+    )
+    assert not from_cache and viewed.num_views == 2 and module.images_seen == 4 * 3
+
+
 def test_keys_separate_backbone_weights_size_views_seed_and_preprocessing() -> None:
     cache = FeatureCache("unused")
     base = {

@@ -28,7 +28,8 @@ from scan_engine.stages.features import FeatureRecipe
 
 pytestmark = pytest.mark.slow
 
-FAST = {"image_size": 64, "scan": {"epochs": 5}, "selflabel": {"epochs": 2}}
+# Self-labeling on, so that the shards carry augmented views too.
+FAST = {"image_size": 64, "scan": {"epochs": 5}, "selflabel": {"enabled": True, "epochs": 2}}
 
 
 @dataclasses.dataclass

@@ -55,6 +55,9 @@ def test_the_pretrained_preset_clusters_the_shapes(first_run) -> None:
     assert max(main.metrics["scan"]["acc"], final["acc"]) >= 0.7, report["metrics"]
     assert report["metrics"]["kmeans"]["acc"] >= 0.7  # ImageNet features separate the shapes
     assert list((work / "features").glob("*.npz")), "features were cached"
+    # Self-labeling is off in the preset, so no augmented view was embedded (one pass per image).
+    assert "self-labeling disabled by the config" in report["notes"], report["notes"]
+    assert [p.name for p in (work / "features").glob("*.npz")][0].split("-")[-2] == "v0"
 
 
 def test_another_k_reuses_the_cached_features(first_run) -> None:
