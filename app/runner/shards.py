@@ -456,7 +456,7 @@ def embed_in_shards(
     recipe = FeatureRecipe.for_config(config, work_dir)
     content = content_key(sources)
     cache_key = recipe.cache_key(content)
-    if recipe.cache.path(cache_key).is_file():
+    if any(recipe.cache.path(key).is_file() for key in recipe.accepted_keys(content)):
         return None  # an earlier job embedded them (the features stage checks the entry)
     ranges = shard_ranges(len(sources), size)
     job_id = claimed.job_id

@@ -10,7 +10,7 @@ Later stages see the embedded rows as the collection: an ImageCollection whose p
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,16 @@ class FeatureRecipe:
             seed=self.seed,
         )
 
+    @property
+    def reusable_views(self) -> tuple[int, ...]:
+        # Without views, an entry a self-labeling job cached with views serves as well.
+        return () if self.augmented_views else (CACHED_AUGMENTED_VIEWS,)
+
+    def accepted_keys(self, content: str) -> list[str]:
+        """Every cache entry `cached` takes for that collection, its own first."""
+        others = [replace(self, augmented_views=v).cache_key(content) for v in self.reusable_views]
+        return [self.cache_key(content), *others]
+
     def embed(
         self,
         sources: ImageSources,
@@ -133,8 +143,7 @@ class FeatureRecipe:
             runtime=runtime,
             augmented_views=self.augmented_views,
             seed=self.seed,
-            # Without views, an entry a self-labeling job cached with views serves as well.
-            reusable_views=() if self.augmented_views else (CACHED_AUGMENTED_VIEWS,),
+            reusable_views=self.reusable_views,
             progress=progress,
             should_stop=should_stop,
         )

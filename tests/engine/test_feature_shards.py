@@ -75,6 +75,11 @@ def test_shards_merged_equal_one_pass_and_the_stage_reads_them_from_cache(
     assert all(part is not None for _, part in sharded.parts)
     key, path = save_merged(recipe, sources, sharded.parts)
     assert path == recipe.cache.root / f"{key}.npz"
+    # What a job without views would look for (and so need not shard): its own entry or this.
+    viewless = dataclasses.replace(recipe, augmented_views=0)
+    content = content_key(sources)
+    assert viewless.accepted_keys(content) == [viewless.cache_key(content), key]
+    assert recipe.accepted_keys(content) == [key]
 
     merged = recipe.cache.load(key)
     assert merged is not None
