@@ -10,9 +10,10 @@ S3: the worker copies what it needs into a scratch folder of its own, DATA_DIR/s
 while the run lasts, so the next run on this host removes the folders of runs that died), and
 writes back under the same keys the local layout uses:
 
-- before the run: the dataset's images (by key), the job's checkpoints `jobs/<id>/work/*.pt` and
-  the dataset's feature cache `features/<dataset id>/`, so any worker resumes where the last
-  one stopped;
+- before the run: the job's checkpoints `jobs/<id>/work/*.pt` and the dataset's feature cache
+  `features/<dataset id>/`, so any worker resumes where the last one stopped, and the dataset's
+  images (by key): all of them for the scratch route; on the pretrained route only those the
+  backbone reads, a block at a time, so a job whose features are cached reads no image;
 - after each stage: the checkpoints and cache entries that changed (each file is finished
   before the engine renames it into place, so only whole files go up; a store hiccup here is
   logged and the files go up at the next stage);
@@ -26,13 +27,17 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from app.backbones import FEATURES_DIR
 from app.core.config import Settings
 from app.storage import FilesystemObjectStore, ObjectStore, Storage, StorageError
+
+if TYPE_CHECKING:
+    from scan_engine.sources import ImageSources
 
 __all__ = ["JobFiles"]
 
@@ -98,6 +103,32 @@ class JobFiles:
                     prefix,
                     extra={"job_id": self.job_id},
                 )
+
+    def image_sources(
+        self,
+        image_ids: Sequence[str],
+        keys: Sequence[str],
+        labels: Sequence[int] | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> ImageSources:
+        """The images as streamed sources for the pretrained route. Local store: the stored
+        files. S3: nothing is fetched until an item is read (a job whose features are cached
+        reads none), then its block of images at a time (_StoreImages)."""
+        from scan_engine.sources import ImageSources
+
+        if isinstance(self.store, FilesystemObjectStore):
+            entries = list(zip(image_ids, self.image_paths(keys), strict=True))
+            return ImageSources.from_files(entries, labels=labels, class_names=class_names)
+        images = _StoreImages(self, keys)
+        return ImageSources(
+            ids=list(image_ids),
+            paths=[str(path) for path in images.paths],
+            reader=images.read,
+            signer=images.sign,
+            kind="files",  # signed as fetched copies sign: the same content key either way
+            labels=None if labels is None else list(labels),
+            class_names=None if class_names is None else list(class_names),
+        )
 
     def image_paths(self, keys: Sequence[str]) -> list[Path]:
         """A local file for each image key, in order (S3: fetched into the scratch folder)."""
@@ -187,6 +218,51 @@ class JobFiles:
                 continue
             self.store.put_file(prefix + path.relative_to(folder).as_posix(), path)
             self._pushed[path] = (stat.st_size, stat.st_mtime_ns)
+
+
+class _StoreImages:
+    """A dataset's images in the store, fetched into the scratch folder on first read.
+
+    Each item signs itself as its fetched copy will (stored size, the fixed copy mtime), so
+    the feature cache's content key needs only one listing of the images, no download. Reading
+    an item fetches its whole block (BLOCK images, in parallel) once: a full pass keeps the
+    transfer threads busy, and a pass over one shard fetches that shard's blocks only.
+    """
+
+    BLOCK = 256
+
+    def __init__(self, files: JobFiles, keys: Sequence[str]) -> None:
+        self._files = files
+        self._keys = list(keys)
+        assert files.scratch is not None
+        self.paths = [files.scratch / "images" / key for key in self._keys]
+        folders = sorted({key.rsplit("/", 1)[0] + "/" for key in self._keys})
+        self._sizes = {
+            info.key: info.size for folder in folders for info in files.store.list(folder)
+        }
+        self._fetched: set[int] = set()
+        self._locks = [threading.Lock() for _ in range(0, len(self._keys), self.BLOCK)]
+
+    def sign(self, index: int) -> str:
+        size = self._sizes.get(self._keys[index])
+        return "missing" if size is None else f"{size}:{_COPY_MTIME_NS}"
+
+    def read(self, index: int) -> Path:
+        block = index // self.BLOCK
+        with self._locks[block]:
+            if block not in self._fetched:
+                start = block * self.BLOCK
+                wanted = [
+                    key for key in self._keys[start : start + self.BLOCK] if key in self._sizes
+                ]
+                self._files.image_paths(wanted)
+                self._fetched.add(block)
+        path = self.paths[index]
+        if not path.is_file():
+            from scan_engine.data import ImageDecodeError
+
+            raise ImageDecodeError("not in the store")
+        return path
 
 
 def _restorable(key: str, prefix: str) -> bool:

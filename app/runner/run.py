@@ -2,8 +2,9 @@
 
 `run_job(job_id)` claims the job (app.runner.claim: takes its lease, reads its images' keys),
 builds the config with make_config, gets the job's files ready (app.runner.job_files: on the
-local store the folders are the store; on S3 a scratch folder with the images, checkpoints and
-feature cache fetched from the store), loads the images (the scratch route: all of them as
+local store the folders are the store; on S3 a scratch folder with the checkpoints and feature
+cache fetched from the store, and the images: all for the scratch route, only those read on
+the pretrained route), loads the images (the scratch route: all of them as
 pixels, scan_engine.data.load_files; the pretrained route: a list of files, scan_engine.sources,
 that the engine streams through the backbone, its features cached per dataset), runs
 scan_engine.pipeline.run in the job's work folder (a rerun resumes from the checkpoints there)
@@ -77,14 +78,16 @@ def _collection(claimed: ClaimedJob, config: ScanConfig, files: JobFiles) -> Any
     """The pretrained route: ImageSources (files listed, decoded while streaming); the scratch
     route: an ImageCollection of every image as pixels at the config's size."""
     from scan_engine.data import load_files
-    from scan_engine.sources import ImageSources
 
+    if config.pretrained_backbone is not None:
+        return files.image_sources(
+            claimed.image_ids,
+            claimed.stored_paths,
+            labels=claimed.labels,
+            class_names=claimed.class_names,
+        )
     paths = files.image_paths(claimed.stored_paths)
     entries = list(zip(claimed.image_ids, paths, strict=True))
-    if config.pretrained_backbone is not None:
-        return ImageSources.from_files(
-            entries, labels=claimed.labels, class_names=claimed.class_names
-        )
     collection = load_files(
         entries,
         image_size=config.image_size,

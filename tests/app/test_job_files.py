@@ -141,3 +141,100 @@ def test_a_store_outage_fails_the_job_with_a_clear_message(
         assert job.error.startswith("StorageUnavailable: the object store could not be reached")
         assert "resumes from its last stored checkpoint" in job.error
     assert not (tmp_path / "data" / "scratch" / "jobs" / job_id).exists()
+
+
+def _png(seed: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_on_s3_the_pretrained_route_fetches_images_only_when_it_reads_them(
+    s3_settings: Any,
+) -> None:
+    from app.runner.job_files import JobFiles
+    from app.storage import object_store
+    from scan_engine.data import ImageDecodeError
+    from scan_engine.feature_cache import content_key
+    from scan_engine.sources import ImageSources
+
+    store = object_store(s3_settings)
+    keys = [f"datasets/d5/images/{i}.png" for i in range(300)]
+    for i, key in enumerate(keys[:-1]):  # the last one was never stored
+        store.put_bytes(key, _png(i))
+    ids = [str(i) for i in range(300)]
+    files = JobFiles(store, s3_settings, "j5", "d5")
+    files.prepare()
+    sources = files.image_sources(ids, keys, labels=[i % 3 for i in range(300)])
+    images = files.scratch / "images"
+    assert not images.exists()  # listed and signed, nothing fetched
+
+    # Signed exactly as fetched copies sign: the feature cache key does not depend on a download.
+    fetched = JobFiles(store, s3_settings, "j6", "d5")
+    fetched.prepare()
+    copies = ImageSources.from_files(
+        list(zip(ids[:-1], fetched.image_paths(keys[:-1]), strict=True))
+    )
+    lazy = files.image_sources(ids[:-1], keys[:-1])
+    assert content_key(lazy) == content_key(copies)
+    assert content_key(sources) != content_key(lazy)  # the missing image is part of the key
+
+    assert sources.read(3).read_bytes() == _png(3)
+    assert len(list(images.rglob("*.png"))) == 256  # the first block, not the whole set
+    with pytest.raises(ImageDecodeError, match="not in the store"):
+        sources.read(299)
+    assert len(list(images.rglob("*.png"))) == 299
+    files.close()
+    fetched.close()
+
+
+def test_a_second_job_on_s3_reads_no_image_when_the_features_are_cached(
+    seaweedfs: SeaweedFS, shapes_zip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.core.config import get_settings
+    from app.main import create_app
+    from app.storage import object_store
+    from tests.e2e.flow import FINISHED, wait_for
+
+    use_settings(
+        monkeypatch,
+        DATA_DIR=str(tmp_path / "data"),
+        S3_PREFIX=f"cached-{uuid.uuid4().hex[:10]}/",
+        **seaweedfs.settings_env(),
+    )
+    image_reads: list[str] = []
+
+    def count(params: dict[str, Any], **_: Any) -> None:
+        if "/images/" in params.get("Key", ""):
+            image_reads.append(params["Key"])
+
+    client_s3 = object_store(get_settings())._client()  # type: ignore[attr-defined]
+    client_s3.meta.events.register("before-parameter-build.s3.GetObject", count)
+    overrides = {"image_size": 64, "scan": {"epochs": 5, "num_heads": 2}}
+    with TestClient(create_app()) as client:
+        dataset = upload_zip(client, shapes_zip.read_bytes()).json()
+        jobs = []
+        for clusters in (3, 4):
+            image_reads.clear()
+            response = client.post(
+                "/api/v1/jobs",
+                json={
+                    "dataset_id": dataset["id"],
+                    "num_clusters": clusters,
+                    "preset": "pretrained",
+                    "overrides": overrides,
+                },
+            )
+            assert response.status_code == 202, response.text
+            job = wait_for(client, response.json()["id"], FINISHED, 120)
+            assert job["status"] == "succeeded", job["error"]
+            jobs.append((job, len(image_reads)))
+    (first, first_reads), (second, second_reads) = jobs
+    assert first["features_from_cache"] is False and first_reads == dataset["image_count"]
+    assert second["features_from_cache"] is True and second_reads == 0
