@@ -27,7 +27,9 @@ class ProgressWriter:
     """Pipeline progress callback: writes stage, progress, ETA and live stage timings to the job.
 
     Throttled to one write per `interval_s`, except that a stage change is always written.
-    A failed write is logged and ignored: a DB hiccup must not kill a long job.
+    Progress never falls back within one attempt (sharded embedding reports the features
+    stage before the pipeline starts it again from the cache). A failed write is logged and
+    ignored: a DB hiccup must not kill a long job.
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class ProgressWriter:
         self.timings: dict[str, float] = {}
         self._stage_started = time.monotonic()
         self._last_write = float("-inf")
+        self._progress = 0.0
 
     def __call__(self, event: ProgressEvent) -> None:
         now = time.monotonic()
@@ -56,9 +59,10 @@ class ProgressWriter:
         elif now - self._last_write < self.interval_s:
             return
         self._last_write = now
+        self._progress = min(1.0, max(self._progress, float(event.fraction)))
         values: dict[str, Any] = {
             "stage": event.stage,
-            "progress": min(1.0, max(0.0, float(event.fraction))),
+            "progress": self._progress,
             "eta_s": None if event.eta_s is None else max(0.0, float(event.eta_s)),
             "message": event.message or None,
         }

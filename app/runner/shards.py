@@ -527,21 +527,30 @@ def _embed_and_gather(
     a shard whose file cannot be read is embedded again."""
     from scan_engine.feature_shards import load_shard, shard_name
     from scan_engine.results import ProgressEvent, StopRequested
+    from scan_engine.stages.features import FeaturesStage
 
     factory, store = embedder.factory, embedder.store
+    # Sharding is the features stage, run before the pipeline: it fills that stage's share of
+    # the run (the writer never lets progress fall back when the pipeline then starts).
+    share, started = FeaturesStage.weight_with_fixed_backbone, time.monotonic()
     while True:
         if embedder.should_stop():
             raise StopRequested("stopped while embedding in shards")
+        rows = _shards(factory, job_id)
+        done = sum(row.status == ShardStatus.DONE for row in rows)
+        fraction = share * done / len(ranges)
+        elapsed = time.monotonic() - started
+        eta = elapsed * (1 - fraction) / fraction if fraction > 0.02 else None
+        progress(
+            ProgressEvent(
+                "features", done / len(ranges), fraction, eta, f"shards {done}/{len(ranges)}"
+            )
+        )
         claim = claim_shard(factory, job_id, embedder.holder, embedder.settings.JOB_LEASE_S)
         if claim is not None:
             with _shard_lease(factory, embedder.settings, claim, embedder.holder) as lease:
                 embedder.embed(claim, lease)
             continue
-        rows = _shards(factory, job_id)
-        done = sum(row.status == ShardStatus.DONE for row in rows)
-        progress(
-            ProgressEvent("features", done / len(ranges), 0.0, None, f"shards {done}/{len(ranges)}")
-        )
         if len(rows) != len(ranges):
             raise RuntimeError(f"{len(rows)} shard rows for {len(ranges)} shards")
         if done < len(rows):

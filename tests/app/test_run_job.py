@@ -114,6 +114,9 @@ def test_progress_writer_throttles_and_times_stages(dataset: dict[str, Any], mak
     row = _row(job_id)
     assert (row.stage, row.progress, row.eta_s) == ("mine", 0.6, 12.5)
     assert set(row.timings) == {"pretext"} and row.timings["pretext"] > 0
+    # The pipeline restarting a stage that sharded embedding already reported: never backwards.
+    writer(ProgressEvent("features", 0.0, 0.1, None))
+    assert (_row(job_id).stage, _row(job_id).progress) == ("features", 0.6)
 
 
 def test_job_left_running_by_a_dead_worker_runs_again(
