@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.upload_store import _settings, make_zip
+from benchmarks.upload_store import counted_store, make_zip
 
 
 def _cpu() -> str:
@@ -70,21 +70,11 @@ def _stored_bytes(root: Path | None, store: Any, prefix: str) -> int:
 def one_backend(zip_path: Path, env: dict[str, str], repeats: int) -> dict[str, Any]:
     from fastapi.testclient import TestClient
 
-    from app.core.config import get_settings
     from app.main import create_app
-    from app.storage import S3ObjectStore, object_store
+    from app.storage import S3ObjectStore
 
-    _settings(env)
-    requests: dict[str, int] = {}
-
-    def count(**kwargs: Any) -> None:
-        name = kwargs["event_name"].split(".")[-1]
-        requests[name] = requests.get(name, 0) + 1
-
-    store = object_store(get_settings())
+    store, requests = counted_store(env)
     on_s3 = isinstance(store, S3ObjectStore)
-    if on_s3:
-        store._client().meta.events.register("before-send.s3", count)
     with TestClient(create_app()) as client, zip_path.open("rb") as handle:
         response = client.post(
             "/api/v1/datasets",

@@ -52,12 +52,10 @@ def _settings(env: dict[str, str]) -> None:
     dispose_engines()
 
 
-def one_upload(zip_path: Path, env: dict[str, str]) -> dict[str, Any]:
-    """Seconds of one POST /api/v1/datasets on a fresh service, and the S3 requests it sent."""
-    from fastapi.testclient import TestClient
-
+def counted_store(env: dict[str, str]) -> tuple[Any, dict[str, int]]:
+    """The settings of `env` in force, and this process's store with a tally of the requests
+    boto3 sends through it, by operation (stays empty on the local store)."""
     from app.core.config import get_settings
-    from app.main import create_app
     from app.storage import S3ObjectStore, object_store
 
     _settings(env)
@@ -70,6 +68,16 @@ def one_upload(zip_path: Path, env: dict[str, str]) -> dict[str, Any]:
     store = object_store(get_settings())
     if isinstance(store, S3ObjectStore):
         store._client().meta.events.register("before-send.s3", count)
+    return store, requests
+
+
+def one_upload(zip_path: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Seconds of one POST /api/v1/datasets on a fresh service, and the S3 requests it sent."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    _, requests = counted_store(env)
     with TestClient(create_app()) as client, zip_path.open("rb") as handle:
         started = time.perf_counter()
         response = client.post(
