@@ -278,6 +278,13 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 30) -> Non
         process.wait()
 
 
+def print_log_tails(paths: list[Path], chars: int = 5000) -> None:
+    """The end of each worker log that exists, for a failing test's captured output."""
+    for path in paths:
+        if path.exists():
+            print(f"--- {path.name}\n{path.read_text(errors='replace')[-chars:]}")
+
+
 def insert_job(values: dict[str, Any]) -> str:
     """Insert one jobs row with these column values; its id."""
     from app.db.models import Job

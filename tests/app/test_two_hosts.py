@@ -29,6 +29,7 @@ from tests.service_support import (
     create_api_key,
     files_under,
     png_bytes,
+    print_log_tails,
     start_celery_worker,
     stop_process,
     upload_zip,
@@ -233,9 +234,7 @@ def test_a_worker_on_another_host_resumes_from_the_checkpoint_in_the_store(
             assert raw.head_object(Bucket=seaweedfs.bucket, Key=checkpoint)["ETag"] == written
             assert client.get(f"/api/v1/jobs/{job_id}/assignments").json()["total"] == 36
         except BaseException:
-            for path in logs:
-                if path.exists():
-                    print(f"--- {path.name}\n{path.read_text(errors='replace')[-5000:]}")
+            print_log_tails(logs)
             raise
         finally:
             for worker in (first, second):
@@ -411,9 +410,7 @@ def test_two_workers_embed_in_shards_and_a_killed_workers_shard_is_taken_over(
             survivor = logs[1 - workers.index(helper)].read_text(errors="replace")
             assert "taking over shard" in survivor
         except BaseException:
-            for path in logs:
-                if path.exists():
-                    print(f"--- {path.name}\n{path.read_text(errors='replace')[-5000:]}")
+            print_log_tails(logs)
             raise
         finally:
             for worker in workers:

@@ -25,6 +25,7 @@ from tests.e2e.flow import FINISHED, upload_shapes, wait_for
 from tests.service_support import (
     celery_service_env,
     create_api_key,
+    print_log_tails,
     start_celery_worker,
     stop_process,
 )
@@ -135,8 +136,7 @@ def test_redelivery_and_sigkill_mid_job(fault_env: dict[str, str], tmp_path: Pat
             assignments = client.get(f"/api/v1/jobs/{job_id}/assignments").json()
             assert assignments["total"] == 30
         except BaseException:
-            for log in logs:
-                print(f"--- {log.name}\n{log.read_text(errors='replace')[-5000:]}")
+            print_log_tails(logs)
             raise
         finally:
             for worker in workers:
